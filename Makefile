@@ -1,0 +1,53 @@
+# kiosk-operator: `make test` is the test command; `make demo` runs the whole pipeline locally.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/custom-consumer/pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+export KIOSK_CACHE ?= $(HOME)/.cache/kiosk-operator
+PYTEST_ARGS ?=
+
+.PHONY: test deps venv lint cluster-binaries cluster-up cluster-down bench demo clean protos
+
+test: deps venv cluster-binaries lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+deps:
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt)"; \
+	  (apt-get update -qq || sudo apt-get update -qq) && \
+	  (apt-get install -y -qq redis-server || sudo apt-get install -y -qq redis-server); }
+	@command -v go >/dev/null || { echo "error: Go is required to build the test cluster binaries"; exit 1; }
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip==26.3
+	$(PIP) install -q -e '.[test]'
+	@if [ -f examples/custom-consumer/pyproject.toml ]; then $(PIP) install -q --no-deps -e examples/custom-consumer; fi
+	@rm -f $(VENV)/.installed-*; touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+cluster-binaries:
+	bash tools/cluster/build.sh
+
+cluster-up: venv cluster-binaries
+	$(PY) tools/cluster/cluster.py up
+
+cluster-down:
+	$(PY) tools/cluster/cluster.py down
+
+protos: venv
+	bash tools/gen_protos.sh
+
+bench: deps venv cluster-binaries
+	$(PY) -m bench.run
+
+demo: deps venv
+	$(PY) -m kiosk_operator.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,295 @@
+"""TensorFlow Serving gRPC client that does not import TensorFlow.
+
+One channel per client (so per worker), reused for every call. Transient
+failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) are retried a
+bounded number of times with capped exponential backoff and jitter; everything
+else fails at once. Every failure surfaces as a TFServingError subclass whose
+message is one line a user can read (it ends up as a job's ``reason``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from kiosk_worker.tfs.messages import (
+    decode_predict_response,
+    encode_metadata_request,
+    encode_predict_request,
+    unpack_signature_defs,
+)
+from kiosk_worker.tfs.protos import get_model_metadata_pb2
+from kiosk_worker.tfs.tensor import dtype_name
+
+__all__ = [
+    "InvalidModelInput",
+    "MessageTooLarge",
+    "ModelNotFound",
+    "ModelServerUnavailable",
+    "TFServingClient",
+    "TFServingError",
+    "from_kiosk_cache",
+    "to_kiosk_cache",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PREDICT = "/tensorflow.serving.PredictionService/Predict"
+_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
+RETRYABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class TFServingError(Exception):
+    """Base of every client error; ``str(err)`` is a one-line user message."""
+
+    code: grpc.StatusCode | None = None
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.code = code
+
+
+class ModelNotFound(TFServingError):
+    """The model server does not serve that model or version (NOT_FOUND)."""
+
+
+class InvalidModelInput(TFServingError):
+    """The model server rejected the request (INVALID_ARGUMENT etc.)."""
+
+
+class MessageTooLarge(TFServingError):
+    """A request or response exceeds the configured gRPC message size."""
+
+
+class ModelServerUnavailable(TFServingError):
+    """Retryable failures persisted past ``max_retries``."""
+
+
+def _first_line(text: str | None, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _model_ref(name: str, version: int | None) -> str:
+    return f"model '{name}'" + (f" version {version}" if version is not None else "")
+
+
+class TFServingClient:
+    """Predict and GetModelMetadata against TF Serving (or kiosk-model-server).
+
+    ``timeout`` is the per-call deadline in seconds, ``max_retries`` how many
+    times a transient failure is retried, ``backoff`` the first retry delay in
+    seconds (doubling per retry up to ``max_backoff``, with jitter), and
+    ``max_message_bytes`` the gRPC send/receive limit.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        backoff: float = 3.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_backoff: float = 60.0,
+    ) -> None:
+        self.host = host
+        self.port = int(port)
+        self.timeout = float(timeout)
+        self.max_retries = max(0, int(max_retries))
+        self.backoff = max(0.0, float(backoff))
+        self.max_backoff = max(self.backoff, float(max_backoff))
+        self.max_message_bytes = int(max_message_bytes)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._predict: Callable[..., Any] | None = None
+        self._metadata: Callable[..., Any] | None = None
+        self._sleep = time.sleep  # tests may swap in an Event.wait
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _connect(self) -> None:
+        """Create the channel once; grpc reconnects it by itself after failures."""
+        with self._lock:
+            if self._channel is not None:
+                return
+            options = [
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.enable_retries", 0),  # retries are ours, bounded and logged
+            ]
+            channel = grpc.insecure_channel(self.target, options=options)
+            # Requests are pre-serialized bytes: no request_serializer.
+            self._predict = channel.unary_unary(
+                _PREDICT, request_serializer=None, response_deserializer=None
+            )
+            self._metadata = channel.unary_unary(
+                _METADATA,
+                request_serializer=None,
+                response_deserializer=get_model_metadata_pb2.GetModelMetadataResponse.FromString,
+            )
+            self._channel = channel
+
+    def close(self) -> None:
+        """Close the channel (a later call reopens it)."""
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel = self._predict = self._metadata = None
+
+    def __enter__(self) -> TFServingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based): capped, jittered."""
+        base = min(self.max_backoff, self.backoff * (2**retry))
+        return base * random.uniform(0.5, 1.0)
+
+    def _call(self, what: str, name: str, version: int | None, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with bounded retries, translating gRPC errors."""
+        retry = 0
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+                details = err.details() if hasattr(err, "details") else str(err)
+                too_large = "larger than max" in (details or "")
+                if code in RETRYABLE and not too_large and retry < self.max_retries:
+                    wait = self.delay(retry)
+                    retry += 1
+                    log.warning("%s %s failed with %s (%s); retry %d/%d in %.2fs",
+                                what, self.target, code.name, _first_line(details),
+                                retry, self.max_retries, wait)
+                    self._sleep(wait)
+                    continue
+                raise self._error(code, details, name, version, retry, too_large) from None
+
+    def _error(self, code: grpc.StatusCode, details: str | None, name: str,
+               version: int | None, retries: int, too_large: bool) -> TFServingError:
+        detail = _first_line(details)
+        if too_large:
+            return MessageTooLarge(
+                f"message exceeds the {self.max_message_bytes} byte gRPC limit: {detail}", code)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return ModelNotFound(f"{_model_ref(name, version)} is not served", code)
+        if code in RETRYABLE:
+            return ModelServerUnavailable(
+                f"model server {self.target} unreachable after {retries} retries"
+                f" ({code.name}: {detail})", code)
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.OUT_OF_RANGE):
+            return InvalidModelInput(f"{_model_ref(name, version)} rejected the input: {detail}",
+                                     code)
+        return TFServingError(f"model server error {code.name}: {detail}", code)
+
+    def predict(
+        self,
+        model_name: str,
+        model_version: int | None,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Iterable[str] | None = None,
+        signature_name: str = "",
+    ) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` (alias -> array); returns alias -> array."""
+        version = int(model_version) if model_version not in (None, "") else None
+        payload = encode_predict_request(model_name, inputs, version, signature_name,
+                                         output_filter or ())
+        if len(payload) > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"request of {len(payload)} bytes exceeds the {self.max_message_bytes} byte"
+                " gRPC limit; use smaller batches or tiles")
+        self._connect()
+        call = self._predict
+        assert call is not None
+        raw = self._call("Predict", model_name, version,
+                         lambda: call(payload, timeout=self.timeout))
+        return decode_predict_response(raw)
+
+    def get_model_metadata(self, model_name: str, model_version: int | None = None,
+                           signature_name: str = "serving_default") -> dict[str, Any]:
+        """The serving signature as plain data.
+
+        Returns ``{"model_name", "model_version", "signature_name", "method_name",
+        "inputs": {alias: {"name", "dtype", "shape"}}, "outputs": {...}}`` where
+        dtype is 'DT_FLOAT' style and shape a list of ints (-1 = any size).
+        """
+        version = int(model_version) if model_version not in (None, "") else None
+        payload = encode_metadata_request(model_name, version)
+        self._connect()
+        call = self._metadata
+        assert call is not None
+        resp = self._call("GetModelMetadata", model_name, version,
+                          lambda: call(payload, timeout=self.timeout))
+        if "signature_def" not in resp.metadata:
+            raise TFServingError(f"{_model_ref(model_name, version)} returned no signature_def")
+        sigs = unpack_signature_defs(resp).signature_def
+        if signature_name not in sigs:
+            raise InvalidModelInput(
+                f"{_model_ref(model_name, version)} has no signature '{signature_name}'")
+        sig = sigs[signature_name]
+        served = resp.model_spec.version.value if resp.model_spec.HasField("version") else version
+        return {
+            "model_name": resp.model_spec.name or model_name,
+            "model_version": served,
+            "signature_name": signature_name,
+            "method_name": sig.method_name,
+            "inputs": {k: _tensor_info(v) for k, v in sorted(sig.inputs.items())},
+            "outputs": {k: _tensor_info(v) for k, v in sorted(sig.outputs.items())},
+        }
+
+
+def _tensor_info(info: Any) -> dict[str, Any]:
+    shape = None if info.tensor_shape.unknown_rank else [int(d.size) for d in info.tensor_shape.dim]
+    return {"name": info.name, "dtype": dtype_name(info.dtype), "shape": shape}
+
+
+def to_kiosk_cache(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Signature inputs in the form upstream Kiosk caches in Redis.
+
+    Upstream stores ``json_format.MessageToDict`` of the serving_default
+    inputs: ``{alias: {"name", "dtype", "tensorShape": {"dim": [{"size": "-1"}]}}}``
+    (int64 sizes as strings, zero sizes omitted).
+    """
+    out: dict[str, Any] = {}
+    for alias, info in metadata["inputs"].items():
+        shape = info["shape"]
+        if shape is None:
+            tensor_shape: dict[str, Any] = {"unknownRank": True}
+        else:
+            tensor_shape = {"dim": [{"size": str(s)} if s else {} for s in shape]}
+        entry: dict[str, Any] = {"dtype": info["dtype"], "tensorShape": tensor_shape}
+        if info.get("name"):
+            entry["name"] = info["name"]
+        out[alias] = entry
+    return out
+
+
+def from_kiosk_cache(cached: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Inverse of to_kiosk_cache: ``{alias: {"name", "dtype", "shape"}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for alias, entry in cached.items():
+        tshape = entry.get("tensorShape", {})
+        shape = None if tshape.get("unknownRank") else [
+            int(d.get("size", 0)) for d in tshape.get("dim", [])]
+        out[alias] = {"name": entry.get("name", ""), "dtype": entry.get("dtype", "DT_INVALID"),
+                      "shape": shape}
+    return out

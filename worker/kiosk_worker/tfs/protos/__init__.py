@@ -1,0 +1,1 @@
+"""Generated TF-Serving-compatible messages (regenerate with tools/gen_protos.sh)."""
