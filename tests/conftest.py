@@ -9,6 +9,8 @@ import redis
 
 from harness.redis_server import RedisServer
 
+pytest_plugins = ["harness.cluster_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

@@ -184,14 +184,10 @@ def _b64file(path: Path) -> str:
 
 # A custom Stage set replaces ALL kwok defaults, so node stages are included.
 # Modelled on kwok's kustomize/stage/{node/fast,node/heartbeat-with-lease,pod/fast}.
-# Node liveness is kept by kwok's node leases; the status heartbeat is slow.
+# Node liveness is kept by kwok's node leases (on by default, 40s); the status
+# heartbeat is slow. kwok options are passed as flags: a KwokConfiguration document
+# in this file would bypass kwok's defaulting (e.g. node lease parallelism 0).
 _KWOK_CONFIG = r"""
-apiVersion: config.kwok.x-k8s.io/v1alpha1
-kind: KwokConfiguration
-options:
-  cidr: "@POD_CIDR@"
-  nodeLeaseDurationSeconds: 40
----
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
 metadata:
@@ -517,7 +513,6 @@ spec:
 def kwok_config(job_pod_duration: float, pod_delete_delay: float = 0.0) -> str:
     text = _KWOK_CONFIG
     for key, value in {
-        "@POD_CIDR@": POD_CIDR,
         "@JOB_POD_MS@": str(int(job_pod_duration * 1000)),
         "@POD_DELETE_MS@": str(int(pod_delete_delay * 1000)),
         "@POD_FAIL_ANNOTATION@": POD_FAIL_ANNOTATION,

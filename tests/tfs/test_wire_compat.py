@@ -16,12 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf.descriptor import FieldDescriptor
-from tensorflow_serving.apis import get_model_metadata_pb2 as tf_md
-from tensorflow_serving.apis import get_model_status_pb2 as tf_st
-from tensorflow_serving.apis import model_service_pb2 as tf_ms
-from tensorflow_serving.apis import predict_pb2 as tf_predict
-from tensorflow_serving.apis import prediction_service_pb2 as tf_ps
-
 from kiosk_worker.tfs import messages, tensor
 from kiosk_worker.tfs.protos import (
     get_model_metadata_pb2,
@@ -31,6 +25,11 @@ from kiosk_worker.tfs.protos import (
     prediction_service_pb2,
     tensor_pb2,
 )
+from tensorflow_serving.apis import get_model_metadata_pb2 as tf_md
+from tensorflow_serving.apis import get_model_status_pb2 as tf_st
+from tensorflow_serving.apis import model_service_pb2 as tf_ms
+from tensorflow_serving.apis import predict_pb2 as tf_predict
+from tensorflow_serving.apis import prediction_service_pb2 as tf_ps
 
 DTYPES = [np.float32, np.uint8, np.int32, np.float16, np.float64, np.int8, np.int16,
           np.int64, np.uint16, np.uint32, np.uint64, np.bool_, np.complex64, np.complex128]
@@ -76,6 +75,12 @@ def _tf_request(inputs: dict[str, np.ndarray], name: str = "segmentation",
 
 # -- descriptors ---------------------------------------------------------
 
+def _repeated(field: FieldDescriptor) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf >= 5.29; .label was removed in 7
+        return bool(field.is_repeated)
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
 def _compare_message(ours, theirs, seen: set[str]) -> None:
     assert ours.full_name == theirs.full_name
     if ours.full_name in seen:
@@ -87,7 +92,7 @@ def _compare_message(ours, theirs, seen: set[str]) -> None:
         assert t is not None, f"{ours.full_name}.{f.name} does not exist upstream"
         where = f"{ours.full_name}.{f.name}"
         assert (f.number, f.type) == (t.number, t.type), where
-        assert (f.label == FieldDescriptor.LABEL_REPEATED) == (t.label == FieldDescriptor.LABEL_REPEATED), where
+        assert _repeated(f) == _repeated(t), where
         assert (f.containing_oneof is None) == (t.containing_oneof is None), where
         if f.message_type is not None:
             _compare_message(f.message_type, t.message_type, seen)
@@ -157,6 +162,20 @@ def test_predict_request_model_spec_variants(version: int | None) -> None:
     assert ours == theirs
 
 
+def test_string_tensor_bytes_equal() -> None:
+    arr = np.array([[b"a", b""], [b"xyz", b"\xff" * 200]], dtype=object)
+    ours = messages.encode_predict_request("m", {"s": arr}, 1)
+    assert ours == _tf_request({"s": arr}, "m", 1, make=tf.make_tensor_proto)
+
+
+def test_zero_copy_decode_view() -> None:
+    arr = _array(np.float32, (3, 5))
+    proto = tensor_pb2.TensorProto.FromString(tensor.tensor_to_bytes(arr))
+    view = tensor.to_ndarray(proto, copy=False)
+    np.testing.assert_array_equal(view, arr)
+    assert not view.flags.writeable and tensor.to_ndarray(proto).flags.writeable
+
+
 def test_predict_request_noncontiguous_and_big_endian() -> None:
     arr = _array(np.float32, (4, 6, 5, 2))[:, ::2, 1:, :1]
     assert not arr.flags.c_contiguous
@@ -170,9 +189,11 @@ def test_large_request_bytes_equal() -> None:
     assert messages.encode_predict_request("m", {"image": arr}, 2) == _tf_request({"image": arr}, "m", 2)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int32, np.float16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int32, np.float16],
+                         ids=lambda d: np.dtype(d).name)
 def test_predict_response_bytes_equal(dtype: type) -> None:
-    outputs = {"inner_distance": _array(dtype, (2, 16, 16, 1)), "foreground": _array(dtype, (2, 16, 16, 1), 2)}
+    outputs = {"inner_distance": _array(dtype, (2, 16, 16, 1)),
+               "foreground": _array(dtype, (2, 16, 16, 1), 2)}
     ours = messages.encode_predict_response(outputs, "segmentation", 4, "serving_default")
     resp = tf_predict.PredictResponse()
     resp.model_spec.name = "segmentation"
@@ -257,6 +278,7 @@ def test_tf_decodes_ours(dtype: type) -> None:
 def test_decode_typed_vals(field: str, dtype, values: list, expected_dtype: type) -> None:
     proto = tf.make_tensor_proto(np.zeros((2, 3), dtype.as_numpy_dtype))
     proto.ClearField("tensor_content")
+    proto.ClearField(field)  # TF may have used the typed field itself (bool does)
     getattr(proto, field).extend(values)
     got = tensor.to_ndarray(tensor_pb2.TensorProto.FromString(proto.SerializeToString()))
     assert got.dtype == expected_dtype

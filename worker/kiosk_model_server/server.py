@@ -103,9 +103,13 @@ class ModelServer:
                    ("grpc.so_reuseport", 0)]
         server = grpc.server(futures.ThreadPoolExecutor(self._max_workers), options=options)
         server.add_generic_rpc_handlers(self._handlers())
-        self.port = server.add_insecure_port(f"{self.host}:{self._requested_port}")
+        try:
+            self.port = server.add_insecure_port(f"{self.host}:{self._requested_port}")
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"cannot listen on {self.host}:{self._requested_port}")
+            raise RuntimeError(f"cannot listen on {self.host}:{self._requested_port}"
+                               " (address in use or not local)")
         self._stopping.clear()
         server.start()
         self._server = server

@@ -335,8 +335,9 @@ def reclaim_list(client: redis.Redis, processing: str, queue: str) -> dict[str, 
     """Return every item of a dead worker's processing list to its queue, exactly once each."""
     script = client.register_script(_RECLAIM_SCRIPT)
     counts = {"requeued": 0, "dropped": 0, "raced": 0}
-    # Oldest first (items are LPUSHed by LMOVE ... LEFT), so the right end first.
-    for raw in reversed(client.lrange(processing, 0, -1)):
+    # LMOVE ... LEFT puts the newest item at the left end. Each reclaimed item is RPUSHed
+    # (taken next), so go newest first: the oldest ends up rightmost and is retried first.
+    for raw in client.lrange(processing, 0, -1):
         result = int(script(keys=[processing, queue], args=[_text(raw)]))
         if result == RECLAIM_REQUEUED:
             counts["requeued"] += 1

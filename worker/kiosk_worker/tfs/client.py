@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _PREDICT = "/tensorflow.serving.PredictionService/Predict"
 _METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
@@ -83,6 +82,15 @@ def _first_line(text: str | None, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _version(value: int | str | None) -> int | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidModelInput(f"model version '{value}' is not a number") from None
+
+
 def _model_ref(name: str, version: int | None) -> str:
     return f"model '{name}'" + (f" version {version}" if version is not None else "")
 
@@ -93,7 +101,9 @@ class TFServingClient:
     ``timeout`` is the per-call deadline in seconds, ``max_retries`` how many
     times a transient failure is retried, ``backoff`` the first retry delay in
     seconds (doubling per retry up to ``max_backoff``, with jitter), and
-    ``max_message_bytes`` the gRPC send/receive limit.
+    ``max_message_bytes`` the gRPC send/receive limit. ``sleep`` waits between
+    retries (default time.sleep); pass a shutdown ``threading.Event().wait`` so
+    that SIGTERM interrupts a backoff: when it returns True, retrying stops.
     """
 
     def __init__(
@@ -105,6 +115,7 @@ class TFServingClient:
         backoff: float = 3.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_backoff: float = 60.0,
+        sleep: Callable[[float], Any] | None = None,
     ) -> None:
         self.host = host
         self.port = int(port)
@@ -117,33 +128,45 @@ class TFServingClient:
         self._channel: grpc.Channel | None = None
         self._predict: Callable[..., Any] | None = None
         self._metadata: Callable[..., Any] | None = None
-        self._sleep = time.sleep  # tests may swap in an Event.wait
+        self._generation = 0
+        self._sleep = sleep or time.sleep
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def _connect(self) -> None:
-        """Create the channel once; grpc reconnects it by itself after failures."""
+    def _stubs(self) -> tuple[int, Callable[..., Any], Callable[..., Any]]:
+        """(generation, Predict, GetModelMetadata) of the current channel, creating it once."""
         with self._lock:
-            if self._channel is not None:
-                return
-            options = [
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.enable_retries", 0),  # retries are ours, bounded and logged
-            ]
-            channel = grpc.insecure_channel(self.target, options=options)
-            # Requests are pre-serialized bytes: no request_serializer.
-            self._predict = channel.unary_unary(
-                _PREDICT, request_serializer=None, response_deserializer=None
-            )
-            self._metadata = channel.unary_unary(
-                _METADATA,
-                request_serializer=None,
-                response_deserializer=get_model_metadata_pb2.GetModelMetadataResponse.FromString,
-            )
-            self._channel = channel
+            if self._channel is None:
+                options = [
+                    ("grpc.max_send_message_length", self.max_message_bytes),
+                    ("grpc.max_receive_message_length", self.max_message_bytes),
+                    ("grpc.enable_retries", 0),  # retries are ours: bounded and logged
+                ]
+                channel = grpc.insecure_channel(self.target, options=options)
+                # Requests are pre-serialized bytes, so no request_serializer.
+                self._predict = channel.unary_unary(_PREDICT)
+                self._metadata = channel.unary_unary(
+                    _METADATA,
+                    response_deserializer=get_model_metadata_pb2.GetModelMetadataResponse.FromString,
+                )
+                self._channel = channel
+                self._generation += 1
+            assert self._predict is not None and self._metadata is not None
+            return self._generation, self._predict, self._metadata
+
+    def _reset(self, generation: int) -> None:
+        """Drop a channel that failed to connect so the next attempt dials at once.
+
+        A gRPC channel that failed to connect waits out its own reconnect
+        backoff (1 s growing to 120 s) and fails calls fast meanwhile, which
+        would defeat our retry schedule. Threads still using the old channel
+        keep it alive until their call ends; it closes when collected.
+        """
+        with self._lock:
+            if generation == self._generation and self._channel is not None:
+                self._channel = self._predict = self._metadata = None
 
     def close(self) -> None:
         """Close the channel (a later call reopens it)."""
@@ -163,23 +186,28 @@ class TFServingClient:
         base = min(self.max_backoff, self.backoff * (2**retry))
         return base * random.uniform(0.5, 1.0)
 
-    def _call(self, what: str, name: str, version: int | None, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with bounded retries, translating gRPC errors."""
+    def _call(self, what: str, name: str, version: int | None, payload: bytes) -> Any:
+        """Send ``payload`` to Predict or GetModelMetadata with bounded retries."""
         retry = 0
         while True:
+            generation, predict, metadata = self._stubs()
+            call = predict if what == "Predict" else metadata
             try:
-                return fn()
+                return call(payload, timeout=self.timeout)
             except grpc.RpcError as err:
                 code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
                 details = err.details() if hasattr(err, "details") else str(err)
                 too_large = "larger than max" in (details or "")
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._reset(generation)
                 if code in RETRYABLE and not too_large and retry < self.max_retries:
                     wait = self.delay(retry)
                     retry += 1
                     log.warning("%s %s failed with %s (%s); retry %d/%d in %.2fs",
                                 what, self.target, code.name, _first_line(details),
                                 retry, self.max_retries, wait)
-                    self._sleep(wait)
+                    if self._sleep(wait) is True:  # interrupted (shutdown): stop retrying
+                        raise self._error(code, details, name, version, retry - 1, too_large) from None
                     continue
                 raise self._error(code, details, name, version, retry, too_large) from None
 
@@ -204,27 +232,26 @@ class TFServingClient:
     def predict(
         self,
         model_name: str,
-        model_version: int | None,
+        model_version: int | str | None,
         inputs: Mapping[str, np.ndarray],
         output_filter: Iterable[str] | None = None,
         signature_name: str = "",
     ) -> dict[str, np.ndarray]:
-        """Run the model on ``inputs`` (alias -> array); returns alias -> array."""
-        version = int(model_version) if model_version not in (None, "") else None
+        """Run the model on ``inputs`` (alias -> array); returns alias -> array.
+
+        ``model_version`` may be the string from a Redis job hash; None or ''
+        asks for the latest version.
+        """
+        version = _version(model_version)
         payload = encode_predict_request(model_name, inputs, version, signature_name,
                                          output_filter or ())
         if len(payload) > self.max_message_bytes:
             raise MessageTooLarge(
                 f"request of {len(payload)} bytes exceeds the {self.max_message_bytes} byte"
                 " gRPC limit; use smaller batches or tiles")
-        self._connect()
-        call = self._predict
-        assert call is not None
-        raw = self._call("Predict", model_name, version,
-                         lambda: call(payload, timeout=self.timeout))
-        return decode_predict_response(raw)
+        return decode_predict_response(self._call("Predict", model_name, version, payload))
 
-    def get_model_metadata(self, model_name: str, model_version: int | None = None,
+    def get_model_metadata(self, model_name: str, model_version: int | str | None = None,
                            signature_name: str = "serving_default") -> dict[str, Any]:
         """The serving signature as plain data.
 
@@ -232,13 +259,9 @@ class TFServingClient:
         "inputs": {alias: {"name", "dtype", "shape"}}, "outputs": {...}}`` where
         dtype is 'DT_FLOAT' style and shape a list of ints (-1 = any size).
         """
-        version = int(model_version) if model_version not in (None, "") else None
+        version = _version(model_version)
         payload = encode_metadata_request(model_name, version)
-        self._connect()
-        call = self._metadata
-        assert call is not None
-        resp = self._call("GetModelMetadata", model_name, version,
-                          lambda: call(payload, timeout=self.timeout))
+        resp = self._call("GetModelMetadata", model_name, version, payload)
         if "signature_def" not in resp.metadata:
             raise TFServingError(f"{_model_ref(model_name, version)} returned no signature_def")
         sigs = unpack_signature_defs(resp).signature_def

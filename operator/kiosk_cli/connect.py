@@ -1,0 +1,84 @@
+"""Connections from flags and the worker's environment variables (one settings source).
+
+Flags override the environment; the environment is read by the worker's own
+``load_settings`` so REDIS_HOST, STORAGE_BUCKET, ... mean the same thing here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from kiosk_worker import redis_conn
+from kiosk_worker.settings import Settings, SettingsError, load_settings
+
+from kiosk_cli.errors import CliError
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection (default: the worker's environment variables)")
+    group.add_argument("--redis-host", help="Redis host (REDIS_HOST, default redis-master)")
+    group.add_argument("--redis-port", type=int, help="Redis port (REDIS_PORT, default 6379)")
+    group.add_argument("--redis-password", help="Redis password (REDIS_PASSWORD)")
+    group.add_argument(
+        "--bucket", help="storage bucket: gs://NAME, s3://NAME or file:///DIR (STORAGE_BUCKET)"
+    )
+    group.add_argument("--storage-endpoint", help="S3/GCS endpoint URL for emulators (STORAGE_ENDPOINT)")
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Environment first, then flags on top; a bad value is a one-line CliError."""
+    environ = dict(os.environ if environ is None else environ)
+    flag_env = {
+        "REDIS_HOST": getattr(args, "redis_host", None),
+        "REDIS_PORT": getattr(args, "redis_port", None),
+        "REDIS_PASSWORD": getattr(args, "redis_password", None),
+        "STORAGE_BUCKET": getattr(args, "bucket", None),
+        "STORAGE_ENDPOINT": getattr(args, "storage_endpoint", None),
+    }
+    environ.update({name: str(value) for name, value in flag_env.items() if value is not None})
+    try:
+        return load_settings(environ)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A connected client (the worker's own connection code); unreachable Redis is a CliError."""
+    where = f"{settings.redis_host}:{settings.redis_port}"
+    if settings.redis_sentinel_hosts.strip():
+        where = f"sentinel {settings.redis_sentinel_hosts} ({settings.redis_sentinel_master})"
+    try:
+        client = redis_conn.connect(settings)
+        client.ping()
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    except redis.AuthenticationError as exc:
+        raise CliError(f"Redis at {where} refused the password: {_short(exc)}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise CliError(f"cannot reach Redis at {where}: {_short(exc)}") from None
+    except redis.RedisError as exc:
+        raise CliError(f"Redis at {where} failed: {_short(exc)}") from None
+    return client
+
+
+def storage_for(settings: Settings) -> Any:
+    """The worker's storage backend for the configured bucket."""
+    try:
+        from kiosk_worker.storage import get_storage
+    except ImportError as exc:  # the worker extra is not installed
+        hint = "pip install 'kiosk-operator[worker]'"
+        raise CliError(f"storage support is not installed ({exc}); {hint}") from None
+    try:
+        return get_storage(settings)
+    except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
+        raise CliError(f"cannot open bucket {settings.bucket_url}: {_short(exc)}") from None
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception message, with its type when the message is empty."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]

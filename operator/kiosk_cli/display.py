@@ -1,0 +1,109 @@
+"""Everything the CLI draws with rich: progress bars, tables, job fields."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from kiosk_worker import protocol
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from kiosk_cli.status import Snapshot
+from kiosk_cli.track import JobView
+
+_STATUS_STYLE = {protocol.DONE: "green", protocol.FAILED: "red", "missing": "red"}
+
+
+class JobProgress:
+    """One bar per job plus an overall bar counting finished jobs."""
+
+    def __init__(self, console: Console, keys: Sequence[str], labels: Mapping[str, str]) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}", justify="left"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
+        self.overall: TaskID = self.progress.add_task("[bold]all jobs", total=len(keys), status="")
+        self.tasks = {
+            key: self.progress.add_task(labels.get(key, key), total=1.0, status="new") for key in keys
+        }
+
+    def __enter__(self) -> JobProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, views: Sequence[JobView]) -> None:
+        for v in views:
+            style = _STATUS_STYLE.get(v.status, "cyan")
+            self.progress.update(self.tasks[v.key], completed=v.fraction, status=f"[{style}]{v.status}")
+        done = sum(v.finished for v in views)
+        failed = sum(v.finished and v.status != protocol.DONE for v in views)
+        label = f"{done}/{len(views)} finished" + (f", [red]{failed} failed" if failed else "")
+        self.progress.update(self.overall, completed=done, status=label)
+
+
+def outcome_table(views: Sequence[JobView], downloads: Mapping[str, str]) -> Table:
+    table = Table(title="results")
+    table.add_column("job", overflow="fold")
+    table.add_column("status")
+    table.add_column("output / reason", overflow="fold")
+    for v in views:
+        style = _STATUS_STYLE.get(v.status, "")
+        detail = downloads.get(v.key) or v.fields.get("output_url", "") or v.fields.get("reason", "")
+        if v.status != protocol.DONE:
+            detail = v.fields.get("reason", "") or detail
+        table.add_row(v.key, f"[{style}]{v.status}" if style else v.status, detail)
+    return table
+
+
+def status_tables(snapshot: Snapshot) -> list[Table | Text]:
+    queues = Table(title="queues")
+    queues.add_column("queue")
+    queues.add_column("pending", justify="right")
+    queues.add_column("in flight", justify="right")
+    queues.add_column("workers", justify="right")
+    for q in snapshot.queues:
+        queues.add_row(q.name, str(q.pending), str(q.in_flight), str(q.workers))
+
+    workers = Table(title="workers")
+    for name in ("worker", "queue", "heartbeat", "state", "in flight", "current item", "done", "failed"):
+        # Keys are long: only the current item may wrap, everything else stays on one line.
+        workers.add_column(name, overflow="fold", no_wrap=name != "current item", min_width=len(name))
+    for w in snapshot.workers:
+        age = f"{w.age:.1f}s ago"
+        if w.stale:
+            age = f"[red]{age} (stale)"
+        workers.add_row(w.name, w.queue, age, w.state, str(w.in_flight), w.current, w.done, w.failed)
+    if not snapshot.workers:
+        workers.add_row("(none registered)", "", "", "", "", "", "", "")
+
+    if snapshot.pools is None:
+        return [queues, workers, Text(f"pools: unknown ({snapshot.pools_note})", style="dim")]
+    tables: list[Table | Text] = [queues, workers]
+    pools = Table(title="pools")
+    for name in ("pool", "queues", "mode", "desired", "workers", "pending", "in flight", "ready"):
+        pools.add_column(name, no_wrap=name != "queues", min_width=len(name))
+    if not snapshot.pools:
+        pools.add_row("(no ConsumerPools)", "", "", "", "", "", "", "")
+    for p in snapshot.pools or ():
+        pools.add_row(p.name, p.queues, p.mode, p.desired, p.workers, p.pending, p.in_flight, p.ready)
+    tables.append(pools)
+    return tables
+
+
+def fields_table(key: str, fields: Mapping[str, str]) -> Table:
+    table = Table(title=key, show_header=True)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for name in sorted(fields):
+        table.add_row(name, fields[name])
+    return table

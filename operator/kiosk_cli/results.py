@@ -1,0 +1,27 @@
+"""Fetch a finished job's output from the bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kiosk_cli.connect import _short
+from kiosk_cli.errors import CliError
+
+
+def output_location(fields: Mapping[str, str]) -> str:
+    """Where the result lives: the bucket path when known (robust), else the URL."""
+    return fields.get("output_file_name") or fields.get("output_url") or ""
+
+
+def download_output(storage: Any, key: str, fields: Mapping[str, str], out_dir: Path) -> str:
+    """Download one job's result into out_dir; returns the local path."""
+    where = output_location(fields)
+    if not where:
+        raise CliError(f"job {key} has no output to fetch (status {fields.get('status') or 'unknown'})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return str(storage.download(where, str(out_dir)))
+    except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
+        raise CliError(f"cannot download {where} for job {key}: {_short(exc)}") from None

@@ -1,0 +1,102 @@
+"""Follow submitted jobs until they finish: pure progress arithmetic plus one polling loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import redis
+from kiosk_worker import protocol
+
+from kiosk_cli.connect import _short
+from kiosk_cli.errors import CliError
+
+#: Fields a client needs to follow a job (the ones the Kiosk frontend polls).
+TRACKED_FIELDS = ("status", "progress", "reason", "output_url", "output_file_name", "failures", "children")
+MISSING = "missing"
+
+# How far along each single-image status is; unknown statuses count as in progress.
+_STAGE = {
+    protocol.NEW: 0.0,
+    protocol.STARTED: 0.1,
+    protocol.PRE_PROCESSING: 0.2,
+    protocol.PREDICTING: 0.4,
+    protocol.POST_PROCESSING: 0.7,
+    protocol.SAVING_RESULTS: 0.9,
+    protocol.WAITING: 0.05,
+}
+_UNKNOWN_STAGE = 0.5
+
+
+@dataclass(frozen=True)
+class JobView:
+    key: str
+    status: str
+    fraction: float
+    fields: dict[str, str]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in protocol.FINISHED_STATUSES or self.status == MISSING
+
+
+def job_fraction(fields: dict[str, str]) -> float:
+    """0..1 for a job hash: zip parents report ``progress`` (0-100), single jobs a stage."""
+    status = fields.get("status", "")
+    if status in protocol.FINISHED_STATUSES:
+        return 1.0
+    progress = fields.get("progress", "")
+    if progress:
+        try:
+            return min(1.0, max(0.0, float(progress) / 100.0))
+        except ValueError:
+            pass
+    return _STAGE.get(status, _UNKNOWN_STAGE)
+
+
+def view(key: str, fields: dict[str, str]) -> JobView:
+    if not fields.get("status"):
+        reason = fields.get("reason") or "job not found in Redis (expired or never submitted)"
+        fields = {**fields, "reason": reason}
+        return JobView(key, MISSING, 1.0, fields)
+    return JobView(key, fields["status"], job_fraction(fields), fields)
+
+
+def fetch_views(client: redis.Redis, keys: Sequence[str]) -> list[JobView]:
+    """One round trip for all jobs."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hmget(key, TRACKED_FIELDS)
+    try:
+        replies = pipe.execute()
+    except redis.RedisError as exc:
+        raise CliError(f"lost connection to Redis while waiting: {_short(exc)}") from None
+    views = []
+    for key, values in zip(keys, replies, strict=True):
+        pairs = zip(TRACKED_FIELDS, values, strict=True)
+        fields = {name: value for name, value in pairs if value is not None}
+        views.append(view(key, fields))
+    return views
+
+
+def wait_jobs(
+    client: redis.Redis,
+    keys: Sequence[str],
+    on_update: Callable[[list[JobView]], None],
+    interval: float = 0.2,
+    timeout: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[JobView]:
+    """Poll until every job is finished; timeout 0 waits forever, else CliError on expiry."""
+    deadline = clock() + timeout if timeout > 0 else None
+    while True:
+        views = fetch_views(client, keys)
+        on_update(views)
+        if all(v.finished for v in views):
+            return views
+        if deadline is not None and clock() >= deadline:
+            left = sum(not v.finished for v in views)
+            raise CliError(f"timed out after {timeout:g}s with {left} of {len(views)} jobs unfinished")
+        sleep(interval)

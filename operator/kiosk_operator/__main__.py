@@ -1,0 +1,129 @@
+"""`kiosk-operator`: run the kopf operator (or local mode with --local)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def own_namespace() -> str | None:
+    """The namespace to watch by default: POD_NAMESPACE (downward API), else the pod's SA namespace."""
+    ns = os.environ.get("POD_NAMESPACE") or os.environ.get("KIOSK_NAMESPACE")
+    if ns:
+        return ns
+    if SA_NAMESPACE_FILE.exists():
+        return SA_NAMESPACE_FILE.read_text().strip() or None
+    return None
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        for key in ("k8s_namespace", "k8s_name"):
+            if hasattr(record, key):
+                data[key] = getattr(record, key)
+        return json.dumps(data)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiosk-operator", description=__doc__)
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable; default: the operator's own namespace)",
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("METRICS_PORT", "8000")),
+        help="Prometheus /metrics port (0 disables; default 8000)",
+    )
+    p.add_argument(
+        "--liveness",
+        default=os.environ.get("LIVENESS_ENDPOINT", ""),
+        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    p.add_argument("--local", action="store_true", help="run pools locally as processes (no Kubernetes)")
+    p.add_argument(
+        "-f", "--file", dest="files", action="append", default=[], help="ConsumerPool YAML (--local)"
+    )
+    return p
+
+
+def setup_logging(json_logs: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("kubernetes", "urllib3", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_json, args.verbose)
+    if args.local:
+        try:
+            local = importlib.import_module("kiosk_operator.local")
+        except ModuleNotFoundError:
+            print("kiosk-operator: local mode is not available in this build", file=sys.stderr)
+            return 2
+        return int(local.main(args) or 0)
+
+    import kopf
+
+    from kiosk_operator import handlers, metrics  # noqa: F401  (registers the handlers)
+
+    try:  # Job mode handlers live in their own module when present.
+        importlib.import_module("kiosk_operator.jobmode")
+    except ModuleNotFoundError:
+        pass
+
+    if args.all_namespaces:
+        scope = {"clusterwide": True}
+    else:
+        namespaces = args.namespace or ([own_namespace()] if own_namespace() else [])
+        if not namespaces:
+            print(
+                "kiosk-operator: no namespace to watch: pass --namespace NS or --all-namespaces "
+                "(or set POD_NAMESPACE)",
+                file=sys.stderr,
+            )
+            return 2
+        scope = {"namespaces": namespaces}
+    metrics.serve(args.metrics_port)
+    logging.getLogger("kiosk_operator").info(
+        "watching %s", "all namespaces" if args.all_namespaces else ", ".join(scope["namespaces"])
+    )
+    kopf.configure(
+        verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.log_json else kopf.LogFormat.PLAIN
+    )
+    kopf.run(standalone=True, liveness_endpoint=args.liveness or None, **scope)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""kopf wiring: pool lifecycle -> Deployment, one scaling loop per pool, drift repair, probes.
+
+Handlers stay thin; the work is in kiosk_operator.reconcile (sync, run in a thread pool so
+that 200 pools' loops never block kopf's event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import Any
+
+import kopf
+
+from kiosk_operator import manifests, metrics
+from kiosk_operator.depth import RedisClients
+from kiosk_operator.kube import Kube
+from kiosk_operator.reconcile import PoolState, ensure_deployment, scaling_cycle
+from kiosk_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
+
+log = logging.getLogger("kiosk_operator")
+
+POOL = (GROUP, VERSION, PLURAL)
+_state: dict[str, Any] = {}
+
+
+def _kube(memo: Any) -> Kube:
+    kube = getattr(memo, "kube", None) or _state.get("kube")
+    if kube is None:
+        kube = _state["kube"] = Kube()
+    return kube
+
+
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    if "executor" not in _state:
+        _state["executor"] = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="pool")
+    return _state["executor"]
+
+
+def _clients() -> RedisClients:
+    if "redis" not in _state:
+        _state["redis"] = RedisClients()
+    return _state["redis"]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    """Timeouts so that a silent watch reconnects in a minute, not never; quiet success events."""
+    settings.watching.server_timeout = 60
+    settings.watching.client_timeout = 90
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.networking.connect_timeout = 10
+    settings.posting.level = logging.WARNING
+    settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
+    settings.scanning.disabled = True  # no cluster-wide CRD/namespace watching: namespaced RBAC suffices
+    settings.execution.max_workers = 16
+    settings.batching.error_delays = (1, 2, 5, 10, 30)
+    memo.kube = _kube(memo)
+
+
+@kopf.on.cleanup()
+def cleanup(**_: Any) -> None:
+    if "redis" in _state:
+        _state.pop("redis").close()
+    if "executor" in _state:
+        _state.pop("executor").shutdown(wait=False, cancel_futures=True)
+
+
+@kopf.on.probe(id="pools")
+def probe_pools(**_: Any) -> int:
+    """Liveness: answers while the event loop is healthy; reports the pools being scaled."""
+    return len(_state.get("loops", {}))
+
+
+@kopf.index(*POOL)
+def pools_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], dict]:
+    return {
+        (namespace, name): {
+            "metadata": dict(body.metadata),
+            "spec": dict(body.spec),
+            "apiVersion": body["apiVersion"],
+            "kind": body["kind"],
+        }
+    }
+
+
+@kopf.on.resume(*POOL)
+@kopf.on.create(*POOL)
+@kopf.on.update(*POOL, field="spec")
+def reconcile_pool(
+    body: kopf.Body, spec: kopf.Spec, memo: Any, logger: Any, patch: kopf.Patch, **_: Any
+) -> None:
+    """Render the pool's Deployment (Deployment mode); bad specs become a condition, not a crash loop."""
+    try:
+        pool_spec = parse_spec(dict(spec))
+    except SpecError as exc:
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        raise kopf.PermanentError(str(exc)) from None
+    if pool_spec.scaling.mode == "Deployment":
+        action, _ = ensure_deployment(_kube(memo), dict(body), pool_spec, logger)
+        if action != "unchanged":
+            kopf.info(
+                body,
+                reason=f"Deployment{action.capitalize()}",
+                message=f"worker Deployment {manifests.deployment_name(body.metadata.name)} {action}",
+            )
+
+
+@kopf.on.event(
+    "apps",
+    "v1",
+    "deployments",
+    labels={manifests.POOL_LABEL: kopf.PRESENT, manifests.COMPONENT_LABEL: manifests.WORKER_COMPONENT},
+)
+def repair_deployment(
+    event: dict, body: kopf.Body, namespace: str, memo: Any, logger: Any, pools_by_name: kopf.Index, **_: Any
+) -> None:
+    """Someone edited or deleted a worker Deployment by hand: put ours back."""
+    pool_name = body.metadata.labels.get(manifests.POOL_LABEL)
+    if (namespace, pool_name) not in pools_by_name:
+        return
+    kube = _kube(memo)
+    pool = kube.get_pool(namespace, pool_name)  # fresh: the index may lag a deletion
+    if pool is None or pool["metadata"].get("deletionTimestamp"):
+        return
+    try:
+        pool_spec = parse_spec(pool.get("spec"))
+    except SpecError:
+        return
+    if pool_spec.scaling.mode != "Deployment":
+        return
+    action, _ = ensure_deployment(kube, pool, pool_spec, logger)
+    if action != "unchanged":
+        kopf.event(
+            pool,
+            type="Warning",
+            reason="DeploymentReverted",
+            message=f"worker Deployment {body.metadata.name} was changed by hand; {action} it back",
+        )
+
+
+@kopf.daemon(*POOL, cancellation_timeout=10.0)
+async def scaling_loop(
+    stopped: kopf.DaemonStopped, body: kopf.Body, namespace: str, name: str, memo: Any, logger: Any, **_: Any
+) -> None:
+    """Measure -> decide -> act every pollingIntervalSeconds, for as long as the pool exists."""
+    kube = _kube(memo)
+    state = PoolState()
+    loops = _state.setdefault("loops", {})
+    loops[(namespace, name)] = state
+    loop = asyncio.get_running_loop()
+    try:
+        while not stopped:
+            pool = {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "ConsumerPool",
+                "metadata": dict(body.metadata),
+                "spec": dict(body.spec),
+                "status": dict(body.status),
+            }
+            try:
+                result = await loop.run_in_executor(
+                    _executor(), lambda p=pool: scaling_cycle(kube, _clients(), p, state, logger=logger)
+                )
+            except Exception as exc:  # Kubernetes API hiccup: log, post, retry next interval
+                logger.warning("scaling cycle failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                kopf.warn(
+                    pool,
+                    reason="ScalingError",
+                    message=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__,
+                )
+                interval = 5.0
+            else:
+                for ev in result.events:
+                    kopf.event(pool, type=ev.type, reason=ev.reason, message=ev.message)
+                interval = result.interval
+            await stopped.wait(interval)
+    finally:
+        loops.pop((namespace, name), None)
+        metrics.forget(namespace, name)

@@ -1,0 +1,347 @@
+"""Local mode: ``kiosk-operator --local -f POOL.yaml`` runs a pool on this machine, no cluster.
+
+The same scaling code as in Kubernetes (``scaling.desired_workers`` /
+``scaling.jobs_to_create``, ``reclaim``) drives a process backend instead of a
+Deployment: worker processes are started and stopped with the queue depth. A
+local redis-server is started when the pool points at 127.0.0.1 and nothing
+listens there; ``kiosk-model-server`` likewise (``--model-server``); storage is
+the pool's ``file://`` bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from kiosk_operator import depth, reclaim, scaling
+from kiosk_operator.manifests import build_worker_env
+from kiosk_operator.process_backend import DEFAULT_COMMAND, ProcessBackend
+from kiosk_operator.spec import KIND, PoolSpec, SpecError, parse_spec
+
+log = logging.getLogger("kiosk_operator.local")
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+REDIS_BACKOFF_MAX = 5.0
+
+
+class LocalError(RuntimeError):
+    """Local mode cannot start; the message is one line for the user."""
+
+
+# --- pool file ------------------------------------------------------------------------------
+
+
+def load_pool(path: str | Path) -> tuple[str, PoolSpec, dict[str, Any]]:
+    """The first ConsumerPool in a YAML file: (name, parsed spec, raw spec)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise LocalError(f"cannot read {path}: {err.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+    except yaml.YAMLError as err:
+        raise LocalError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    pools = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if not pools:
+        raise LocalError(f"{path}: no document of kind {KIND}")
+    doc = pools[0]
+    name = str((doc.get("metadata") or {}).get("name") or "pool")
+    raw = doc.get("spec") or {}
+    try:
+        spec = parse_spec(raw)
+    except SpecError as err:
+        raise LocalError(f"{path}: {err}") from None
+    return name, spec, raw
+
+
+def local_bucket(bucket: str, base: Path) -> str:
+    """``file://relative/dir`` is resolved against ``base`` so workers agree on one directory."""
+    if bucket.startswith("file://"):
+        path = bucket[len("file://"):]
+        if not path.startswith("/"):
+            return "file://" + str((base / path).resolve())
+    return bucket
+
+
+def worker_env(spec: PoolSpec, base: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The pod's env from ``manifests.build_worker_env`` as plain variables for a process.
+
+    ``valueFrom`` entries cannot be resolved without Kubernetes: the pod name is set
+    by the backend, a secret must come from this process's own environment.
+    """
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    for item in build_worker_env(spec):
+        name = item["name"]
+        if "value" in item:
+            env[name] = str(item["value"])
+        elif name == "WORKER_NAME":
+            continue
+        elif name in environ:
+            env[name] = environ[name]
+        else:
+            raise LocalError(
+                f"{name} comes from a Kubernetes reference in the pool; in local mode set it in the environment"
+            )
+    if "STORAGE_BUCKET" in env:
+        env["STORAGE_BUCKET"] = local_bucket(env["STORAGE_BUCKET"], base)
+    return env
+
+
+# --- helper services ------------------------------------------------------------------------
+
+
+def listening(host: str, port: int, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_listening(host: str, port: int, proc: subprocess.Popen[bytes], what: str, logfile: Path) -> None:
+    deadline = time.monotonic() + 15
+    while not listening(host, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = logfile.read_text(errors="replace")[-300:] if logfile.exists() else ""
+            raise LocalError(f"{what} did not start on {host}:{port}: {' '.join(tail.split())[-200:]}")
+        time.sleep(0.05)
+
+
+def start_redis(port: int, state_dir: Path) -> subprocess.Popen[bytes]:
+    """A redis-server with append-only persistence in the state directory."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise LocalError(
+            "redis-server is not installed: run `sudo apt-get install redis-server` "
+            "(or point spec.redis at a running Redis)"
+        )
+    data = state_dir / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    logfile = data / "redis.log"
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", "",
+             "--appendonly", "yes", "--protected-mode", "no"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    _wait_listening("127.0.0.1", port, proc, "redis-server", logfile)
+    return proc
+
+
+def start_model_server(port: int, state_dir: Path, latency_ms: float = 0.0) -> subprocess.Popen[bytes]:
+    logfile = state_dir / "logs" / "model-server.log"
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kiosk_model_server", "--host", "127.0.0.1", "--port", str(port),
+             "--latency-ms", str(latency_ms)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    _wait_listening("127.0.0.1", port, proc, "kiosk-model-server", logfile)
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def heartbeat_ttl(interval: float) -> float:
+    """A worker is overdue after missing about three heartbeats."""
+    return 3.0 * interval + 1.0
+
+
+@dataclass
+class Tick:
+    """One loop iteration, for the progress line and for tests."""
+
+    pending: int
+    in_flight: int
+    workers: int
+    desired: int
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    reclaimed: int = 0
+
+    def line(self) -> str:
+        text = (f"pending={self.pending} in-flight={self.in_flight} "
+                f"workers={self.workers} desired={self.desired}")
+        if self.started:
+            text += f"  +{len(self.started)} started"
+        if self.stopped:
+            text += f"  -{len(self.stopped)} stopping (idle first)"
+        if self.reclaimed:
+            text += f"  {self.reclaimed} reclaimed from dead workers"
+        return text
+
+
+class LocalPool:
+    """Scale one pool's worker processes with its queue depth."""
+
+    def __init__(self, name: str, spec: PoolSpec, client: redis.Redis, backend: ProcessBackend) -> None:
+        self.name, self.spec, self.client, self.backend = name, spec, client, backend
+        self.last_active: float | None = None
+        self.ttl = heartbeat_ttl(spec.worker.heartbeat_interval_seconds)
+
+    def tick(self, now: float | None = None) -> Tick:
+        now = time.time() if now is None else now
+        spec = self.spec
+        self.backend.reap()
+        reclaimed = 0
+        if spec.reclaim.enabled:
+            report = reclaim.reclaim_queues(self.client, spec.queues, self.backend.alive, self.ttl, now=now,
+                                            legacy=spec.reclaim.legacy_processing_lists)
+            reclaimed = report.requeued
+        m = depth.measure(self.client, spec.queues, now, self.ttl)
+        active = self.backend.active()
+        if spec.scaling.mode == "Job":
+            new = scaling.jobs_to_create(m.pending, len(active), None, spec.scaling.batch_size,
+                                         spec.scaling.max_workers)
+            started = self.backend.start(new)
+            return Tick(m.pending, m.in_flight, len(active) + new, len(active) + new, started,
+                        reclaimed=reclaimed)
+        service = (m.mean_service_seconds, m.service_samples) if m.mean_service_seconds else None
+        busy = m.busy_workers & set(active)
+        decision = scaling.desired_workers(m.depth, len(active), spec.scaling, self.last_active, now,
+                                           busy=len(busy), service=service)
+        self.last_active = decision.last_active
+        started, stopped = self.backend.scale_to(decision.replicas, busy)
+        return Tick(m.pending, m.in_flight, len(self.backend.active()), decision.replicas, started, stopped,
+                    reclaimed)
+
+
+def _printer(plain: bool) -> Any:
+    if not plain and sys.stdout.isatty():
+        try:
+            from rich.console import Console
+
+            console = Console()
+            return lambda text: console.log(text, highlight=True)
+        except ImportError:
+            pass
+    return lambda text: print(time.strftime("%H:%M:%S"), text, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kiosk-operator --local",
+                                description="Run a ConsumerPool on this machine with worker processes.")
+    p.add_argument("--local", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-f", "--file", required=True, help="ConsumerPool YAML file")
+    p.add_argument("--state-dir", default=None,
+                   help="worker pid files, logs, local Redis data (default .kiosk-local/POOL)")
+    p.add_argument("--model-server", choices=("auto", "yes", "no"), default="auto",
+                   help="start kiosk-model-server when the pool's model server is local and not running")
+    p.add_argument("--model-latency-ms", type=float, default=0.0, help="latency of a started model server")
+    p.add_argument("--exit-when-idle", action="store_true",
+                   help="exit once the queues are empty and every worker has stopped")
+    p.add_argument("--plain", action="store_true", help="plain progress lines (no colours)")
+    p.add_argument("--log-level", default="WARNING")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point used by ``kiosk-operator --local``; returns the exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except LocalError as err:
+        print(f"kiosk-operator: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    name, spec, _ = load_pool(args.file)
+    state_dir = Path(args.state_dir or Path(".kiosk-local") / name).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    say = _printer(args.plain)
+    owned: list[subprocess.Popen[bytes]] = []
+
+    r = spec.redis
+    if r.host in LOCAL_HOSTS and r.sentinel is None and not listening(r.host, r.port):
+        owned.append(start_redis(r.port, state_dir))
+        say(f"started redis-server on 127.0.0.1:{r.port} (data in {state_dir / 'redis'})")
+    ms = spec.model_server
+    if args.model_server == "yes" or (
+        args.model_server == "auto" and ms.host in LOCAL_HOSTS and not listening(ms.host, ms.port)
+    ):
+        if not listening(ms.host, ms.port):
+            owned.append(start_model_server(ms.port, state_dir, args.model_latency_ms))
+            say(f"started kiosk-model-server on 127.0.0.1:{ms.port}")
+
+    env = worker_env(spec, Path.cwd())
+    env.setdefault("EMPTY_QUEUE_TIMEOUT", "1")
+    command = DEFAULT_COMMAND
+    if spec.scaling.mode == "Job":
+        command = DEFAULT_COMMAND + ("--max-jobs", str(spec.scaling.batch_size))
+    backend = ProcessBackend(state_dir, env, prefix=name, command=command,
+                             kill_after=spec.worker.termination_grace_period_seconds)
+    if backend.workers:
+        say(f"adopted {len(backend.workers)} running workers from a previous run")
+    client = depth.RedisClients(timeout=2.0).get(r)
+    pool = LocalPool(name, spec, client, backend)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    say(f"pool {name}: queues {','.join(spec.queues)}, mode {spec.scaling.mode}, "
+        f"workers {spec.scaling.min_workers}..{spec.scaling.max_workers}; Ctrl-C stops")
+    interval = spec.scaling.polling_interval_seconds
+    last_line, backoff, seen_work = "", interval, False
+    try:
+        while not stop.is_set():
+            try:
+                tick = pool.tick()
+                backoff = interval
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
+                backend.reap()
+                say(f"Redis unreachable ({' '.join(str(err).split())[:80]}); keeping "
+                    f"{len(backend.active())} workers, retrying in {backoff:.1f}s")
+                stop.wait(backoff)
+                backoff = min(REDIS_BACKOFF_MAX, backoff * 2)
+                continue
+            line = tick.line()
+            if line != last_line:
+                say(line)
+                last_line = line
+            seen_work = seen_work or tick.pending + tick.in_flight > 0
+            if args.exit_when_idle and seen_work and tick.pending + tick.in_flight == 0 and not backend.workers:
+                say("queues empty and all workers stopped")
+                break
+            stop.wait(interval)
+    finally:
+        if backend.workers:
+            say(f"stopping {len(backend.workers)} workers (they finish their current item)")
+        backend.stop_all(timeout=spec.worker.termination_grace_period_seconds)
+        for proc in reversed(owned):
+            _stop(proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Pure builders of the Kubernetes objects a pool owns (dicts, ready to send).
+
+Settings flow from the pool into the worker's environment variables (the names of
+kiosk_worker.settings); secrets are passed by reference only, never by value.
+Ownership (ownerReferences) is added by the caller with ``kopf.adopt``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiosk_operator.spec import GROUP, PoolSpec
+
+POOL_LABEL = f"{GROUP}/pool"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+WORKER_CONTAINER = "worker"
+WORKER_COMPONENT = "worker"
+JOB_COMPONENT = "job-worker"
+WORKER_COMMAND = "kiosk-worker"
+
+
+def pool_labels(pool_name: str, component: str = WORKER_COMPONENT) -> dict[str, str]:
+    """Labels on every object of a pool; the first two also select its pods."""
+    return {
+        POOL_LABEL: pool_name,
+        COMPONENT_LABEL: component,
+        "app.kubernetes.io/name": "kiosk-worker",
+        "app.kubernetes.io/instance": pool_name,
+        "app.kubernetes.io/managed-by": "kiosk-operator",
+    }
+
+
+def selector_labels(pool_name: str, component: str = WORKER_COMPONENT) -> dict[str, str]:
+    return {POOL_LABEL: pool_name, COMPONENT_LABEL: component}
+
+
+def label_selector(pool_name: str, component: str = WORKER_COMPONENT) -> str:
+    """The same selector as a string for list calls."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(pool_name, component).items())
+
+
+def deployment_name(pool_name: str) -> str:
+    return f"{pool_name}-worker"
+
+
+def job_name(pool_name: str, index: int | str) -> str:
+    return f"{pool_name}-job-{index}"
+
+
+def _value(name: str, value: Any) -> dict[str, Any]:
+    return {"name": name, "value": str(value)}
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def build_worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
+    """The worker's environment: pool settings first, then the user's env (which wins on a clash)."""
+    r, ms, st, w = spec.redis, spec.model_server, spec.storage, spec.worker
+    env: list[dict[str, Any]] = [
+        {"name": "WORKER_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        _value("QUEUE", ",".join(spec.queues)),
+        _value("CONSUMER_TYPE", spec.consumer_type),
+        _value("REDIS_HOST", r.host),
+        _value("REDIS_PORT", r.port),
+        _value("REDIS_TLS", _bool(r.tls)),
+    ]
+    if r.password_secret_ref:
+        ref = r.password_secret_ref
+        env.append(
+            {"name": "REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+        )
+    if r.sentinel:
+        env.append(_value("REDIS_SENTINEL_HOSTS", ",".join(r.sentinel.hosts)))
+        env.append(_value("REDIS_SENTINEL_MASTER", r.sentinel.master))
+    env += [_value("TF_HOST", ms.host), _value("TF_PORT", ms.port)]
+    if st.bucket:
+        env.append(_value("STORAGE_BUCKET", st.bucket))
+    if st.endpoint:
+        env.append(_value("STORAGE_ENDPOINT", st.endpoint))
+    env.append(_value("STORAGE_PUBLIC", _bool(st.public)))
+    env.append(_value("GRACE_PERIOD", f"{w.grace_seconds:g}"))
+    env.append(_value("HEARTBEAT_INTERVAL", f"{w.heartbeat_interval_seconds:g}"))
+    user = [dict(item) for item in w.env]
+    overridden = {item["name"] for item in user}
+    return [item for item in env if item["name"] not in overridden] + user
+
+
+def build_env_from(spec: PoolSpec) -> list[dict[str, Any]]:
+    """Storage credentials (a Secret of env vars, e.g. AWS_* keys) plus the user's envFrom."""
+    out: list[dict[str, Any]] = []
+    if spec.storage.credentials_secret_ref:
+        out.append({"secretRef": {"name": spec.storage.credentials_secret_ref}})
+    return out + [dict(item) for item in spec.worker.env_from]
+
+
+def _container(
+    spec: PoolSpec, extra_env: list[dict[str, Any]] = (), batch: int | None = None
+) -> dict[str, Any]:
+    w = spec.worker
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": w.image,
+        "imagePullPolicy": w.image_pull_policy,
+        "env": build_worker_env(spec) + list(extra_env),
+    }
+    command, args = list(w.command), list(w.args)
+    if batch is not None:
+        if not command:
+            command = [WORKER_COMMAND]
+        args = args + ["--max-jobs", str(batch)]
+    if command:
+        container["command"] = command
+    if args:
+        container["args"] = args
+    env_from = build_env_from(spec)
+    if env_from:
+        container["envFrom"] = env_from
+    if w.resources:
+        container["resources"] = dict(w.resources)
+    return container
+
+
+def build_pod_spec(
+    spec: PoolSpec, restart_policy: str = "Always", batch: int | None = None
+) -> dict[str, Any]:
+    w = spec.worker
+    extra = [_value("MAX_JOBS", batch)] if batch is not None else []
+    pod: dict[str, Any] = {
+        "containers": [_container(spec, extra, batch)],
+        "restartPolicy": restart_policy,
+        "terminationGracePeriodSeconds": w.termination_grace_period_seconds,
+    }
+    if w.node_selector:
+        pod["nodeSelector"] = dict(w.node_selector)
+    if w.tolerations:
+        pod["tolerations"] = [dict(t) for t in w.tolerations]
+    if w.affinity:
+        pod["affinity"] = dict(w.affinity)
+    if w.service_account_name:
+        pod["serviceAccountName"] = w.service_account_name
+    return pod
+
+
+def _template(pool_name: str, spec: PoolSpec, component: str, pod_spec: dict[str, Any]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"labels": {**spec.worker.pod_labels, **pool_labels(pool_name, component)}}
+    if spec.worker.pod_annotations:
+        meta["annotations"] = dict(spec.worker.pod_annotations)
+    return {"metadata": meta, "spec": pod_spec}
+
+
+def build_deployment(pool_name: str, namespace: str, spec: PoolSpec, replicas: int) -> dict[str, Any]:
+    """The long-lived worker Deployment of a Deployment-mode pool."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": deployment_name(pool_name),
+            "namespace": namespace,
+            "labels": pool_labels(pool_name),
+        },
+        "spec": {
+            "replicas": int(replicas),
+            "selector": {"matchLabels": selector_labels(pool_name)},
+            "template": _template(pool_name, spec, WORKER_COMPONENT, build_pod_spec(spec)),
+        },
+    }
+
+
+def build_job(pool_name: str, namespace: str, spec: PoolSpec, index: int | str) -> dict[str, Any]:
+    """One batch worker Job: takes up to batchSize items, exits 0 when done or the queue is empty."""
+    j, batch = spec.scaling.job, spec.scaling.batch_size
+    job_spec: dict[str, Any] = {
+        "backoffLimit": j.backoff_limit,
+        "ttlSecondsAfterFinished": j.ttl_seconds_after_finished,
+        "completions": 1,
+        "parallelism": 1,
+        "template": _template(
+            pool_name, spec, JOB_COMPONENT, build_pod_spec(spec, restart_policy="Never", batch=batch)
+        ),
+    }
+    if j.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = j.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(pool_name, index),
+            "namespace": namespace,
+            "labels": pool_labels(pool_name, JOB_COMPONENT),
+        },
+        "spec": job_spec,
+    }
+
+
+def scale_patch(replicas: int) -> dict[str, Any]:
+    return {"spec": {"replicas": int(replicas)}}
+
+
+def deletion_cost_patch(cost: int) -> dict[str, Any]:
+    return {"metadata": {"annotations": {DELETION_COST_ANNOTATION: str(int(cost))}}}

@@ -1,0 +1,326 @@
+"""One pool's reconciliation, outside kopf: ensure its Deployment, and one scaling cycle.
+
+Synchronous and explicit about its inputs (Kube, Redis clients, the pool object, the
+pool's in-memory state, the clock) so that kopf handlers stay thin and other run modes
+(Job mode, local mode) can reuse the pieces. Decisions come from kiosk_operator.scaling.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+import redis
+
+from kiosk_operator import manifests, metrics
+from kiosk_operator.depth import HEARTBEAT_SLACK, Measurement, RedisClients, measure
+from kiosk_operator.drift import deployment_drift
+from kiosk_operator.kube import Kube
+from kiosk_operator.scaling import DOWN, desired_workers
+from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
+
+log = logging.getLogger("kiosk_operator")
+
+BUSY_COST = 100_000
+IDLE_COST = -100_000
+MAX_REDIS_BACKOFF = 30.0
+
+
+@dataclass
+class PoolState:
+    """What one pool's loop remembers between cycles (in memory; lastActiveTime also in status)."""
+
+    last_active: float | None = None
+    last_scale_time: str | None = None
+    redis_failures: int = 0
+    status: dict[str, Any] = field(default_factory=dict)
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warned: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class CycleResult:
+    interval: float
+    events: list[Event] = field(default_factory=list)
+
+
+def iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def set_condition(
+    state: PoolState, ctype: str, ok: bool | None, reason: str, message: str, now: float
+) -> None:
+    """Update a condition; lastTransitionTime changes only when the status does."""
+    status = "Unknown" if ok is None else "True" if ok else "False"
+    old = state.conditions.get(ctype)
+    since = old["lastTransitionTime"] if old and old["status"] == status else iso(now)
+    state.conditions[ctype] = {
+        "type": ctype,
+        "status": status,
+        "reason": reason,
+        "message": message[:1000],
+        "lastTransitionTime": since,
+    }
+
+
+# --- the worker Deployment --------------------------------------------------------------------
+
+
+def render_deployment(pool: dict[str, Any], spec: PoolSpec, replicas: int) -> dict[str, Any]:
+    meta = pool["metadata"]
+    body = manifests.build_deployment(meta["name"], meta["namespace"], spec, replicas)
+    kopf.adopt(body, owner=pool)
+    return body
+
+
+def ensure_deployment(
+    kube: Kube, pool: dict[str, Any], spec: PoolSpec, logger: Any = log
+) -> tuple[str, dict]:
+    """Create the worker Deployment, or put back every field we own; replicas are left alone.
+
+    Returns (what happened: created|updated|unchanged, the live Deployment).
+    """
+    meta = pool["metadata"]
+    ns, name = meta["namespace"], manifests.deployment_name(meta["name"])
+    have = kube.get_deployment(ns, name)
+    if have is None:
+        status = pool.get("status") or {}
+        replicas = max(
+            spec.scaling.min_workers, min(int(status.get("desired") or 0), spec.scaling.max_workers)
+        )
+        created = kube.create_deployment(render_deployment(pool, spec, replicas))
+        logger.info("created Deployment %s/%s with %d replicas", ns, name, replicas)
+        return "created", created
+    want = render_deployment(pool, spec, int(have.get("spec", {}).get("replicas") or 0))
+    drift = deployment_drift(want, have)
+    if not drift:
+        return "unchanged", have
+    want["metadata"]["resourceVersion"] = have["metadata"]["resourceVersion"]
+    # Keep annotations others rely on (e.g. deployment.kubernetes.io/revision).
+    want["metadata"]["annotations"] = have["metadata"].get("annotations") or {}
+    updated = kube.replace_deployment(want)
+    logger.info("updated Deployment %s/%s (%s)", ns, name, ", ".join(drift[:5]))
+    return "updated", updated
+
+
+# --- one scaling cycle ------------------------------------------------------------------------
+
+
+def _redis_password(kube: Kube, ns: str, spec: PoolSpec) -> str:
+    ref = spec.redis.password_secret_ref
+    return kube.secret_value(ns, ref.name, ref.key) if ref else ""
+
+
+def set_deletion_costs(kube: Kube, ns: str, pods: list[dict[str, Any]], busy: frozenset[str]) -> int:
+    """Busy workers get a high pod-deletion-cost, idle ones a low one; returns pods patched."""
+    patched = 0
+    for pod in pods:
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp"):
+            continue
+        cost = BUSY_COST if meta["name"] in busy else IDLE_COST
+        current = (meta.get("annotations") or {}).get(manifests.DELETION_COST_ANNOTATION)
+        if current != str(cost):
+            kube.patch_pod(ns, meta["name"], manifests.deletion_cost_patch(cost))
+            patched += 1
+    return patched
+
+
+def scale_model_server(
+    kube: Kube, ns: str, spec: PoolSpec, active: bool, state: PoolState, events: list[Event]
+) -> None:
+    dep = spec.model_server.deployment
+    if dep is None:
+        return
+    want = dep.replicas if active else 0
+    have = kube.get_deployment(ns, dep.name)
+    if have is None:
+        if "model-server-missing" not in state.warned:
+            state.warned.add("model-server-missing")
+            events.append(
+                Event("Warning", "ModelServerMissing", f"model-server Deployment {dep.name} not found")
+            )
+        return
+    state.warned.discard("model-server-missing")
+    if int(have.get("spec", {}).get("replicas") or 0) != want:
+        kube.scale_deployment(ns, dep.name, want)
+        events.append(
+            Event("Normal", "ModelServerScaled", f"model-server Deployment {dep.name} scaled to {want}")
+        )
+
+
+def scaling_cycle(
+    kube: Kube,
+    clients: RedisClients,
+    pool: dict[str, Any],
+    state: PoolState,
+    now: Callable[[], float] = time.time,
+    logger: Any = log,
+) -> CycleResult:
+    """Measure depth, decide, patch replicas/costs/model server, write status. Never raises for Redis."""
+    meta = pool["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    started = time.perf_counter()
+    labels = (ns, name)
+    events: list[Event] = []
+    t = now()
+    try:
+        spec = parse_spec(pool.get("spec"))
+    except SpecError as exc:
+        set_condition(state, "Ready", False, "InvalidSpec", str(exc), t)
+        set_condition(state, "ScalingActive", False, "InvalidSpec", str(exc), t)
+        if "invalid-spec" not in state.warned:
+            state.warned.add("invalid-spec")
+            events.append(Event("Warning", "InvalidSpec", str(exc)))
+        write_status(kube, ns, name, state, {"observedGeneration": meta.get("generation")})
+        return CycleResult(5.0, events)
+    state.warned.discard("invalid-spec")
+    interval = spec.scaling.polling_interval_seconds
+    if state.last_active is None:
+        state.last_active = parse_iso((pool.get("status") or {}).get("lastActiveTime"))
+
+    # 1. Measure.
+    try:
+        password = _redis_password(kube, ns, spec)
+        client = clients.get(spec.redis, password)
+        ttl = spec.worker.heartbeat_interval_seconds * 3 + HEARTBEAT_SLACK
+        m: Measurement = measure(client, spec.queues, t, heartbeat_ttl=ttl)
+    except (redis.RedisError, OSError, LookupError) as exc:
+        state.redis_failures += 1
+        metrics.REDIS_ERRORS.labels(*labels).inc()
+        reason = "SecretMissing" if isinstance(exc, LookupError) else "RedisUnreachable"
+        message = f"{reason}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        set_condition(state, "RedisReachable", False, reason, message, t)
+        set_condition(state, "ScalingActive", False, reason, "keeping the current worker count", t)
+        set_condition(state, "Ready", False, reason, message, t)
+        if state.redis_failures == 1:
+            events.append(Event("Warning", reason, message))
+            logger.warning("pool %s/%s: %s", ns, name, message)
+        write_status(kube, ns, name, state, {"observedGeneration": meta.get("generation")})
+        backoff = min(MAX_REDIS_BACKOFF, interval * 2 ** min(state.redis_failures, 10))
+        return CycleResult(backoff, events)
+    if state.redis_failures:
+        events.append(
+            Event(
+                "Normal",
+                "RedisReachable",
+                f"Redis reachable again after {state.redis_failures} failed attempts",
+            )
+        )
+        state.redis_failures = 0
+    set_condition(
+        state, "RedisReachable", True, "Measured", f"{m.pending} pending, {m.in_flight} in flight", t
+    )
+
+    if spec.scaling.mode != "Deployment":
+        # Job mode is driven by its own cycle (kiosk_operator.jobmode); nothing to do here.
+        MODE_CYCLES.get(spec.scaling.mode, _no_cycle)(kube, pool, spec, m, state, events, t)
+        write_status(kube, ns, name, state, _status_fields(m, meta, state))
+        return CycleResult(interval, events)
+
+    # 2. Decide.
+    dep_name = manifests.deployment_name(name)
+    dep = kube.get_deployment(ns, dep_name)
+    if dep is None:
+        _, dep = ensure_deployment(kube, pool, spec, logger)
+        events.append(Event("Normal", "DeploymentCreated", f"worker Deployment {dep_name} created"))
+    current = int(dep.get("spec", {}).get("replicas") or 0)
+    service = (m.mean_service_seconds, m.service_samples) if m.mean_service_seconds else None
+    decision = desired_workers(
+        m.depth, current, spec.scaling, state.last_active, t, busy=len(m.busy_workers), service=service
+    )
+    state.last_active = decision.last_active
+    replicas = decision.replicas
+
+    # 3. Act: idle pods go first, busy ones are never the ones removed.
+    if decision.direction == DOWN:
+        pods = kube.list_pods(ns, manifests.label_selector(name))
+        set_deletion_costs(kube, ns, pods, m.busy_workers)
+        busy_pods = sum(
+            1
+            for p in pods
+            if p["metadata"]["name"] in m.busy_workers and not p["metadata"].get("deletionTimestamp")
+        )
+        replicas = max(replicas, min(busy_pods, current))
+    if replicas != current:
+        kube.scale_deployment(ns, dep_name, replicas)
+        state.last_scale_time = iso(t)
+        direction = "up" if replicas > current else "down"
+        metrics.SCALE_EVENTS.labels(*labels, direction).inc()
+        events.append(
+            Event(
+                "Normal",
+                "ScaledUp" if direction == "up" else "ScaledDown",
+                f"workers {current} -> {replicas}: {decision.reason}",
+            )
+        )
+        logger.info("pool %s/%s: workers %d -> %d (%s)", ns, name, current, replicas, decision.reason)
+    scale_model_server(kube, ns, spec, replicas > 0, state, events)
+
+    # 4. Report.
+    workers = int((dep.get("status") or {}).get("replicas") or 0)
+    metrics.QUEUE_PENDING.labels(*labels).set(m.pending)
+    metrics.QUEUE_IN_FLIGHT.labels(*labels).set(m.in_flight)
+    metrics.WORKERS_DESIRED.labels(*labels).set(replicas)
+    metrics.WORKERS_CURRENT.labels(*labels).set(workers)
+    metrics.WORKERS_BUSY.labels(*labels).set(len(m.busy_workers))
+    set_condition(
+        state, "ScalingActive", True, "Scaling" if replicas != current else "Stable", decision.reason, t
+    )
+    set_condition(state, "Ready", True, "DeploymentReady", f"worker Deployment {dep_name}", t)
+    fields = _status_fields(m, meta, state)
+    fields.update(workers=workers, desired=replicas, selector=manifests.label_selector(name))
+    write_status(kube, ns, name, state, fields)
+    metrics.RECONCILE_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+    return CycleResult(interval, events)
+
+
+def _status_fields(m: Measurement, meta: dict[str, Any], state: PoolState) -> dict[str, Any]:
+    return {
+        "pending": m.pending,
+        "inFlight": m.in_flight,
+        "busy": len(m.busy_workers),
+        "lastActiveTime": iso(state.last_active) if state.last_active else None,
+        "observedGeneration": meta.get("generation"),
+    }
+
+
+def _no_cycle(*_: Any) -> None:
+    return None
+
+
+#: Other scaling modes plug in here: mode -> fn(kube, pool, spec, measurement, state, events, now).
+MODE_CYCLES: dict[str, Callable[..., None]] = {}
+
+
+def write_status(kube: Kube, ns: str, name: str, state: PoolState, fields: dict[str, Any]) -> None:
+    """Patch status only when something changed (200 pools x 1 s polls would flood the API)."""
+    status = {**state.status, **fields}
+    if state.last_scale_time:
+        status["lastScaleTime"] = state.last_scale_time
+    status["conditions"] = [state.conditions[c] for c in sorted(state.conditions)]
+    if status != state.status:
+        kube.patch_pool_status(ns, name, status)
+        state.status = status

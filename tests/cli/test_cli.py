@@ -1,0 +1,366 @@
+"""The `kiosk` CLI against a real redis-server and file:// storage (and once, a real worker)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import tifffile
+from harness.ports import free_port
+from harness.wait import wait_for
+from kiosk_cli import inputs, pools, track
+from kiosk_cli.errors import CliError
+from kiosk_worker import protocol
+from kiosk_worker.storage import open_storage
+
+BIN = Path(sys.executable).parent
+KIOSK = str(BIN / "kiosk")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def cli_env(redis_server, bucket: str | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "STORAGE_", "KUBECONFIG"))}
+    env.update(redis_server.env())
+    env.update(COLUMNS="400", KUBECONFIG="/nonexistent/kubeconfig", STORAGE_MAX_RETRY="0")
+    if bucket:
+        env["STORAGE_BUCKET"] = bucket
+    env.update(extra)
+    return env
+
+
+def kiosk(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([KIOSK, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_kiosk(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    pipe = subprocess.PIPE
+    return subprocess.Popen([KIOSK, *args], env=env, stdout=pipe, stderr=pipe, text=True)
+
+
+def write_tiff(path: Path, seed: int = 0, size: int = 32) -> Path:
+    rng = np.random.default_rng(seed)
+    tifffile.imwrite(path, rng.random((size, size), dtype=np.float32))
+    return path
+
+
+def write_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+class FakeWorker:
+    """Plays a Kiosk consumer through the shared protocol: pop, walk the statuses, finish."""
+
+    def __init__(self, client: redis.Redis, bucket: str, name: str = "sim-worker") -> None:
+        self.store = protocol.JobStore(client, name)
+        self.storage = open_storage(bucket)
+        self.client = client
+
+    def pop(self, queue: str) -> str:
+        return wait_for(lambda: self.store.pop(queue, 0), 20, f"a job in {queue}")
+
+    def succeed(self, queue: str, key: str, payload: bytes = b"result", check_input: bool = True) -> str:
+        job = self.store.get(key)
+        if check_input:
+            assert self.storage.exists(job["input_file_name"]), "input was not uploaded to the bucket"
+        steps = (protocol.STARTED, protocol.PRE_PROCESSING, protocol.PREDICTING, protocol.SAVING_RESULTS)
+        for status in steps:
+            self.store.update(key, {"status": status})
+        name, url = self.storage.upload_bytes(payload, f"output/{key.replace(':', '_')}.zip")
+        self.store.finish(queue, key, {"status": protocol.DONE, "output_url": url, "output_file_name": name,
+                                       "finished_at": protocol.utc_now_iso()})
+        return name
+
+    def fail(self, queue: str, key: str, reason: str) -> None:
+        self.store.finish(queue, key, {"status": protocol.FAILED, "reason": reason})
+
+
+@pytest.fixture()
+def bucket(tmp_path: Path) -> str:
+    return f"file://{tmp_path / 'bucket'}"
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_job_fraction_follows_kiosk_statuses() -> None:
+    order = [protocol.NEW, protocol.STARTED, protocol.PRE_PROCESSING, protocol.PREDICTING,
+             protocol.POST_PROCESSING, protocol.SAVING_RESULTS, protocol.DONE]
+    fractions = [track.job_fraction({"status": s}) for s in order]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert track.job_fraction({"status": protocol.FAILED}) == 1.0
+    assert track.job_fraction({"status": protocol.WAITING, "progress": "40"}) == pytest.approx(0.4)
+    assert 0.0 < track.job_fraction({"status": "some-new-step"}) < 1.0  # unknown = in progress
+    missing = track.view("q:x:1", {})
+    assert missing.finished and missing.status == track.MISSING and "not found" in missing.fields["reason"]
+
+
+def test_expand_inputs_walks_dirs_and_skips_hidden(tmp_path: Path) -> None:
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / ".hidden").mkdir()
+    for rel in ("d/b.tif", "d/a.tif", "d/sub/c.zip", "d/.dot.tif", "d/.hidden/x.tif", "single.png"):
+        (tmp_path / rel).write_bytes(b"x")
+    got = inputs.expand_inputs([str(tmp_path / p) for p in ("single.png", "d", "d/a.tif")])
+    rel = [p.relative_to(tmp_path).as_posix() for p in got]
+    assert rel == ["single.png", "d/a.tif", "d/b.tif", "d/sub/c.zip"]
+    with pytest.raises(CliError, match="no such file"):
+        inputs.expand_inputs([str(tmp_path / "nope.tif")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CliError, match="nothing to submit"):
+        inputs.expand_inputs([str(tmp_path / "empty")])
+
+
+def test_pool_row_reads_status_and_tolerates_unreconciled_pools() -> None:
+    row = pools.pool_row({
+        "metadata": {"name": "gpu", "namespace": "kiosk"},
+        "spec": {"queues": ["segmentation", "segmentation-zip"], "scaling": {"mode": "Job"}},
+        "status": {"pending": 4, "inFlight": 1, "workers": 2, "desired": 3,
+                   "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+    queues = "segmentation,segmentation-zip"
+    assert row == pools.PoolRow("kiosk/gpu", queues, "Job", "3", "2", "4", "1", "True")
+    bare = pools.pool_row({"metadata": {"name": "new", "namespace": "ns"}, "spec": {"queues": ["q"]}})
+    assert (bare.desired, bare.workers, bare.ready) == ("-", "-", "-")
+    assert pools.pool_queues((row, bare)) == ["segmentation", "segmentation-zip", "q"]
+
+
+# --- submit -----------------------------------------------------------------------------------
+
+
+def test_submit_uploads_and_writes_kiosk_job_hashes(redis_server, redis_client, bucket, tmp_path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_tiff(folder / "a.tif", 1)
+    write_tiff(folder / "b.tif", 2)
+    write_zip(folder / "batch.zip", {"c.tif": b"not really"})
+    result = kiosk("submit", str(folder), "--queue", "segmentation", "--model-name", "NuclearSegmentation",
+                   "--model-version", "5", "--field", "scale=1.5", "--field", "label=nuclear",
+                   env=cli_env(redis_server, bucket))
+    assert result.returncode == 0, result.stderr
+    keys = result.stdout.split()
+    assert len(keys) == 3
+    assert redis_client.llen("segmentation") == 2 and redis_client.llen("segmentation-zip") == 1
+    storage = open_storage(bucket)
+    by_name = {}
+    for key in keys:
+        job = redis_client.hgetall(key)
+        assert set(protocol.SUBMISSION_FIELDS) <= set(job)
+        assert job["status"] == protocol.NEW
+        assert job["model_name"] == "NuclearSegmentation" and job["model_version"] == "5"
+        assert job["scale"] == "1.5" and job["label"] == "nuclear"
+        assert job["created_at"].endswith("Z")
+        assert key.startswith(protocol.queue_for_file("segmentation", job["original_name"]) + ":")
+        data = Path(storage.download(job["input_file_name"], str(tmp_path / "check"))).read_bytes()
+        assert data == (folder / job["original_name"]).read_bytes()
+        by_name[job["original_name"]] = key
+    assert set(by_name) == {"a.tif", "b.tif", "batch.zip"}
+    # FIFO: the consumer takes from the right, so the first file is next.
+    assert redis_client.lindex("segmentation", -1) == by_name["a.tif"]
+
+
+def test_submit_wait_shows_progress_and_downloads_results(redis_server, redis_client, bucket, tmp_path):
+    write_tiff(tmp_path / "one.tif", 1)
+    write_tiff(tmp_path / "two.tif", 2)
+    out = tmp_path / "out"
+    proc = start_kiosk("submit", str(tmp_path / "one.tif"), str(tmp_path / "two.tif"), "--queue", "seg",
+                       "--wait", "--out", str(out), "--interval", "0.05", "--timeout", "60",
+                       env=cli_env(redis_server, bucket))
+    try:
+        worker = FakeWorker(redis_client, bucket)
+        first = worker.pop("seg")
+        worker.succeed("seg", first, b"first-result")
+        second = worker.pop("seg")
+        worker.succeed("seg", second, b"second-result")
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr + stdout
+    assert "2/2 finished" in stdout and "100%" in stdout
+    assert first in stdout and second in stdout
+    got = sorted(p.read_bytes() for p in out.iterdir())
+    assert got == [b"first-result", b"second-result"]
+
+
+def test_submit_wait_reports_failed_jobs(redis_server, redis_client, bucket, tmp_path) -> None:
+    write_tiff(tmp_path / "bad.tif")
+    proc = start_kiosk("submit", str(tmp_path / "bad.tif"), "--queue", "seg", "--wait", "--interval", "0.05",
+                       "--out", str(tmp_path / "out"), env=cli_env(redis_server, bucket))
+    try:
+        worker = FakeWorker(redis_client, bucket)
+        worker.fail("seg", worker.pop("seg"), "image has 5 channels, the model takes 1")
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr + stdout
+    assert "image has 5 channels, the model takes 1" in stdout
+    assert "1 of 1 jobs failed" in stdout
+
+
+def test_submit_wait_times_out_with_one_line(redis_server, redis_client, bucket, tmp_path) -> None:
+    write_tiff(tmp_path / "slow.tif")
+    result = kiosk("submit", str(tmp_path / "slow.tif"), "--queue", "nobody-listens", "--wait",
+                   "--timeout", "0.3", "--interval", "0.05", env=cli_env(redis_server, bucket))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: timed out after 0.3s with 1 of 1 jobs unfinished"
+
+
+def test_submit_against_a_real_worker(redis_server, redis_client, bucket, tmp_path) -> None:
+    """CLI -> Redis -> kiosk-worker -> model server (gRPC) -> file:// bucket -> CLI download."""
+    from kiosk_model_server import ModelServer
+    from kiosk_model_server.synthetic import make_cells
+
+    image, _ = make_cells((64, 64), n_cells=4, seed=3)
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    out = tmp_path / "out"
+    server = ModelServer(["segmentation"]).start()
+    worker = None
+    try:
+        env = cli_env(redis_server, bucket)
+        worker_env = {**env, "QUEUE": "segmentation", "CONSUMER_TYPE": "segmentation", "TF_HOST": "127.0.0.1",
+                      "TF_PORT": str(server.port), "EMPTY_QUEUE_TIMEOUT": "20", "HEARTBEAT_INTERVAL": "0.5",
+                      "HOSTNAME": "cli-test-worker"}
+        worker = subprocess.Popen([str(BIN / "kiosk-worker"), "--max-jobs", "1"], env=worker_env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        result = kiosk("submit", str(tmp_path / "cells.tif"), "--queue", "segmentation", "--model-name",
+                       "segmentation", "--model-version", "1", "--wait", "--out", str(out), "--timeout", "60",
+                       env=env, timeout=90)
+        worker_log = worker.stderr.read() if worker.poll() is not None else ""
+        assert result.returncode == 0, result.stderr + result.stdout + worker_log
+        assert worker.wait(30) == 0
+        (download,) = list(out.iterdir())
+        with zipfile.ZipFile(download) as zf:
+            assert zf.namelist(), "the worker's result archive is empty"
+        (key,) = redis_client.keys("segmentation:*cells.tif:*")
+        assert redis_client.hget(key, "status") == protocol.DONE
+    finally:
+        if worker and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        server.stop(grace=0)
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def test_status_shows_queues_workers_and_current_items(redis_server, redis_client) -> None:
+    for i in range(3):
+        protocol.submit_job(redis_client, "segmentation", f"uploads/img{i}.tif")
+    protocol.submit_job(redis_client, "tracking", "uploads/movie.trk")
+    busy = protocol.JobStore(redis_client, "worker-busy")
+    held = busy.pop("segmentation", 0)
+    busy.heartbeat(["segmentation"], ttl=2, info={"current": held, "state": "busy", "jobs_done": 7})
+    protocol.JobStore(redis_client, "worker-idle").heartbeat(["tracking"], ttl=2, info={"state": "idle"})
+    result = kiosk("status", env=cli_env(redis_server, QUEUE="segmentation"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+
+    def row(*cells: str) -> str:
+        return next(line for line in lines if all(c in line for c in cells))
+
+    assert row("│ segmentation ", " 2 ", " 1 ")  # pending 2, in flight 1
+    assert row("│ tracking ", " 1 ", " 0 ")  # discovered from the worker registry
+    assert "segmentation-zip" in result.stdout  # the sibling queue is always shown
+    assert row("worker-busy", "busy", held, " 7 ")
+    assert row("worker-idle", "idle")
+    assert "no kubeconfig" in result.stdout  # pools degrade gracefully
+
+
+def test_status_flags_stale_workers(redis_server, redis_client) -> None:
+    store = protocol.JobStore(redis_client, "worker-gone")
+    store.heartbeat(["q"], ttl=2)
+    redis_client.zadd(protocol.workers_key("q"), {"worker-gone": 1000.0})  # heartbeat long ago
+    result = kiosk("status", "--queue", "q", "--no-pools", env=cli_env(redis_server))
+    assert result.returncode == 0, result.stderr
+    assert "(stale)" in next(line for line in result.stdout.splitlines() if "worker-gone" in line)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def test_results_shows_fields_and_fetches_output(redis_server, redis_client, bucket, tmp_path) -> None:
+    key = protocol.submit_job(redis_client, "seg", "uploads/x.tif", "m", "1")
+    worker = FakeWorker(redis_client, bucket)
+    worker.pop("seg")
+    worker.succeed("seg", key, b"zip-bytes", check_input=False)
+    out = tmp_path / "fetched"
+    result = kiosk("results", key, "--out", str(out), env=cli_env(redis_server, bucket))
+    assert result.returncode == 0, result.stderr
+    assert "output_url" in result.stdout and "sim-worker" in result.stdout and "done" in result.stdout
+    (fetched,) = list(out.iterdir())
+    assert fetched.read_bytes() == b"zip-bytes"
+
+
+def test_results_of_failed_zip_job_lists_child_failures(redis_server, redis_client) -> None:
+    key = protocol.submit_job(redis_client, "seg", "uploads/batch.zip")
+    redis_client.hset(key, mapping={"status": "failed", "reason": "2 of 2 images failed",
+                                    "failures": "seg%3Aa.tif%3A1=corrupt+image&seg%3Ab.tif%3A2=too+large"})
+    result = kiosk("results", key, "--no-download", env=cli_env(redis_server))
+    assert result.returncode == 3
+    assert "seg:a.tif:1: corrupt image" in result.stdout and "seg:b.tif:2: too large" in result.stdout
+    assert "job failed: 2 of 2 images failed" in result.stdout
+
+
+# --- errors: one line, exit code 1 ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["status"], ["results", "q:x:1"], ["submit", __file__]])
+def test_unreachable_redis_is_one_line(args, tmp_path) -> None:
+    env = {**os.environ, "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(free_port()), "REDIS_TIMEOUT": "1",
+           "STORAGE_BUCKET": f"file://{tmp_path}", "KUBECONFIG": "/nonexistent"}
+    result = subprocess.run([KIOSK, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot reach Redis at 127.0.0.1:")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_bucket_is_one_line(redis_server, redis_client, tmp_path) -> None:
+    write_tiff(tmp_path / "a.tif")
+    env = cli_env(redis_server, f"s3://kiosk-{free_port()}", STORAGE_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+                  AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_DEFAULT_REGION="us-east-1")
+    result = kiosk("submit", str(tmp_path / "a.tif"), env=env)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: cannot upload")
+    assert "Traceback" not in result.stderr
+    assert redis_client.dbsize() == 0  # nothing enqueued without its input
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env", "message"),
+    [
+        (["submit", "/no/such/image.tif"], {}, "error: no such file or directory: /no/such/image.tif"),
+        (["submit", __file__, "--field", "status=done"], {}, "error: --field status: not a settable"),
+        (["submit", __file__, "--field", "oops"], {}, "error: --field expects name=value, got 'oops'"),
+        (["status"], {"REDIS_PORT": "http"}, "error: invalid setting REDIS_PORT='http'"),
+        (["submit", __file__, "--bucket", "ftp://x"], {}, "error: invalid setting STORAGE_BUCKET='ftp://x'"),
+        (["results", "seg:nothing:1"], {}, "error: no job seg:nothing:1 in Redis"),
+    ],
+)
+def test_bad_input_is_one_line(redis_server, redis_client, args, extra_env, message) -> None:
+    result = kiosk(*args, env=cli_env(redis_server, **extra_env))
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert redis_client.dbsize() == 0
+
+
+def test_main_in_process(redis_server, redis_client, bucket, tmp_path, monkeypatch, capsys) -> None:
+    from kiosk_cli.__main__ import main
+
+    monkeypatch.setenv("REDIS_HOST", "127.0.0.1")
+    monkeypatch.setenv("REDIS_PORT", str(redis_server.port))
+    write_tiff(tmp_path / "x.tif")
+    assert main(["submit", str(tmp_path / "x.tif"), "--bucket", bucket, "--queue", "inproc"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert redis_client.lrange("inproc", 0, -1) == [key]
+    assert main(["results", key, "--no-download"]) == 0
+    assert "not finished yet (status new)" in capsys.readouterr().out

@@ -1,0 +1,96 @@
+"""The ConsumerPool CRD on the real API server: defaults, explain, and invalid pools rejected."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from operator_helpers import POOLS
+
+from harness.cluster import ApiError
+
+pytestmark = pytest.mark.cluster
+
+VALID = {
+    "apiVersion": "kiosk.deepcell.org/v1alpha1",
+    "kind": "ConsumerPool",
+    "metadata": {"name": "p"},
+    "spec": {"queues": ["segmentation"], "worker": {"image": "kiosk-worker:1"}},
+}
+
+# (id, change applied to spec, text the API server's message must contain)
+INVALID = [
+    ("no-queues", {"queues": None}, "spec.queues"),
+    ("empty-queues", {"queues": []}, "spec.queues"),
+    ("queue-with-colon", {"queues": ["a:b"]}, "spec.queues[0]"),
+    ("duplicate-queues", {"queues": ["a", "a"]}, "spec.queues[1]"),
+    ("no-worker", {"worker": None}, "spec.worker"),
+    ("no-image", {"worker": {"imagePullPolicy": "Always"}}, "spec.worker.image"),
+    ("pull-policy", {"worker": {"image": "x", "imagePullPolicy": "Sometimes"}}, "spec.worker.imagePullPolicy"),
+    ("grace-too-long", {"worker": {"image": "x", "graceSeconds": 60}}, "spec.worker.graceSeconds"),
+    ("min-above-max", {"scaling": {"minWorkers": 5, "maxWorkers": 2}}, "spec.scaling.minWorkers"),
+    ("bad-mode", {"scaling": {"mode": "Pod"}}, "spec.scaling.mode"),
+    ("negative-max", {"scaling": {"maxWorkers": -1}}, "spec.scaling.maxWorkers"),
+    ("zero-items-per-worker", {"scaling": {"itemsPerWorker": 0}}, "spec.scaling.itemsPerWorker"),
+    ("polling-too-fast", {"scaling": {"pollingIntervalSeconds": 0.01}}, "spec.scaling.pollingIntervalSeconds"),
+    ("zero-batch", {"scaling": {"batchSize": 0}}, "spec.scaling.batchSize"),
+    ("negative-backoff", {"scaling": {"job": {"backoffLimit": -1}}}, "spec.scaling.job.backoffLimit"),
+    ("port-too-big", {"redis": {"port": 70000}}, "spec.redis.port"),
+    ("secret-without-key", {"redis": {"passwordSecretRef": {"name": "x"}}}, "spec.redis.passwordSecretRef.key"),
+    ("sentinel-not-host-port", {"redis": {"sentinel": {"hosts": ["nohost"]}}}, "spec.redis.sentinel.hosts[0]"),
+    ("bucket-scheme", {"storage": {"bucket": "ftp://x"}}, "spec.storage.bucket"),
+    ("model-server-replicas", {"modelServer": {"deployment": {"name": "tfs", "replicas": 0}}},
+     "spec.modelServer.deployment.replicas"),
+    ("consumer-type", {"consumerType": "Bad Type"}, "spec.consumerType"),
+    ("tolerations-operator", {"worker": {"image": "x", "tolerations": [{"operator": "Maybe"}]}},
+     "spec.worker.tolerations[0].operator"),
+]
+
+
+def _pool(change: dict) -> dict:
+    body = copy.deepcopy(VALID)
+    for key, value in change.items():
+        if value is None:
+            body["spec"].pop(key, None)
+        else:
+            body["spec"][key] = value
+    return body
+
+
+@pytest.mark.parametrize("change,field", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_pool_rejected_naming_the_field(k8s_cluster, k8s_namespace, crd, change, field):
+    with pytest.raises(ApiError) as err:
+        k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), _pool(change))
+    assert err.value.status == 422, err.value.body
+    assert field in err.value.body, err.value.body
+
+
+def test_valid_pool_gets_defaults(k8s_cluster, k8s_namespace, crd):
+    created = k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), copy.deepcopy(VALID))
+    spec = created["spec"]
+    assert spec["consumerType"] == "segmentation"
+    assert spec["scaling"]["mode"] == "Deployment" and spec["scaling"]["maxWorkers"] == 1
+    assert spec["scaling"]["job"]["backoffLimit"] == 0
+    assert spec["redis"] == {"host": "redis-master", "port": 6379, "tls": False}
+    assert spec["worker"]["graceSeconds"] == 25 and spec["worker"]["terminationGracePeriodSeconds"] == 30
+    assert spec["reclaim"] == {"enabled": True, "legacyProcessingLists": False}
+
+
+def test_scale_subresource_sets_the_ceiling(k8s_cluster, k8s_namespace, crd):
+    k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), copy.deepcopy(VALID))
+    path = POOLS.format(ns=k8s_namespace) + "/p/scale"
+    k8s_cluster.request("PATCH", path, {"spec": {"replicas": 0}}, content_type="application/merge-patch+json")
+    assert k8s_cluster.get(POOLS.format(ns=k8s_namespace) + "/p")["spec"]["scaling"]["maxWorkers"] == 0
+
+
+def test_kubectl_explain_teaches_the_fields(k8s_cluster, crd):
+    out = k8s_cluster.kubectl("explain", "consumerpool.spec.scaling.itemsPerWorker").stdout
+    assert "ceil(depth / itemsPerWorker)" in out
+    out = k8s_cluster.kubectl("explain", "cpool.spec.redis.passwordSecretRef").stdout
+    assert "by reference only" in out
+
+
+def test_printer_columns(k8s_cluster, k8s_namespace, crd):
+    k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), copy.deepcopy(VALID))
+    header = k8s_cluster.kubectl("get", "cpool", "-n", k8s_namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "PENDING", "IN-FLIGHT", "WORKERS", "DESIRED", "MODE", "AGE"]

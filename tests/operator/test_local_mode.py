@@ -1,0 +1,127 @@
+"""Local mode: the real scaling loop drives real kiosk-worker processes against real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness.local_pool import (
+    LocalOperator,
+    all_finished,
+    processing_lists,
+    statuses,
+    submit_many,
+    tiny_input,
+    worker_counts,
+    write_pool,
+)
+from harness.wait import wait_for
+from kiosk_model_server import ModelServer
+from kiosk_operator import local
+from kiosk_worker import protocol
+
+
+@pytest.fixture(scope="module")
+def null_server() -> Iterator[ModelServer]:
+    server = ModelServer(models=["null"]).start()
+    yield server
+    server.stop()
+
+
+def _registered(client) -> int:
+    return client.zcard(protocol.workers_key("segmentation"))
+
+
+def test_scales_up_with_items_and_back_to_zero(tmp_path: Path, redis_server, redis_client, null_server):
+    bucket = tmp_path / "bucket"
+    pool = write_pool(tmp_path / "pool.yaml", "lp", redis_server.port, null_server.port, bucket)
+    op = LocalOperator(pool, tmp_path / "state").start()
+    try:
+        # Idle pool: stays at zero workers.
+        wait_for(lambda: "workers=0 desired=0" in op.output(), 20, "first progress line")
+        assert _registered(redis_client) == 0
+        name = tiny_input(bucket)
+        keys = submit_many(redis_client, name, 60)
+        wait_for(lambda: max(worker_counts(op.output()) or [0]) >= 2, 20, "scale-up to several workers")
+        wait_for(lambda: all_finished(redis_client, keys), 60, "all jobs finished")
+        assert set(statuses(redis_client, keys)) == {"done"}
+        wait_for(
+            lambda: worker_counts(op.output())[-1] == 0 and _registered(redis_client) == 0,
+            30,
+            "scale back to zero after the cooldown",
+        )
+        assert max(worker_counts(op.output())) <= 3, "never above maxWorkers"
+        assert not any(processing_lists(redis_client).values())
+    finally:
+        assert op.stop() == 0
+    assert not list((tmp_path / "state" / "workers").glob("*.pid")), "no worker left behind"
+
+
+def test_exit_when_idle_after_a_batch(tmp_path: Path, redis_server, redis_client, null_server):
+    bucket = tmp_path / "bucket"
+    pool = write_pool(
+        tmp_path / "pool.yaml",
+        "once",
+        redis_server.port,
+        null_server.port,
+        bucket,
+        maxWorkers=2,
+        itemsPerWorker=10,
+        cooldownSeconds=0.5,
+    )
+    keys = submit_many(redis_client, tiny_input(bucket), 30)
+    op = LocalOperator(pool, tmp_path / "state", "--exit-when-idle").start()
+    wait_for(op.exited, 60, "local operator exits when idle")
+    assert op.proc.returncode == 0, op.output()
+    assert set(statuses(redis_client, keys)) == {"done"}
+    assert "queues empty and all workers stopped" in op.output()
+
+
+def test_job_mode_runs_batch_workers(tmp_path: Path, redis_server, redis_client, null_server):
+    bucket = tmp_path / "bucket"
+    pool = write_pool(
+        tmp_path / "pool.yaml",
+        "jm",
+        redis_server.port,
+        null_server.port,
+        bucket,
+        mode="Job",
+        batchSize=10,
+        maxWorkers=3,
+    )
+    keys = submit_many(redis_client, tiny_input(bucket), 45)
+    op = LocalOperator(pool, tmp_path / "state", "--exit-when-idle").start()
+    wait_for(op.exited, 60, "local operator exits when idle")
+    assert op.proc.returncode == 0, op.output()
+    assert set(statuses(redis_client, keys)) == {"done"}
+    assert max(worker_counts(op.output())) <= 3
+
+
+def test_bad_pool_file_is_one_line(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: ConsumerPool\nmetadata: {name: x}\nspec:\n  queues: []\n  worker: {image: i}\n")
+    assert local.main(["-f", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "spec.queues" in err
+    assert local.main(["-f", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_secret_reference_needs_env_in_local_mode(tmp_path: Path):
+    pool = write_pool(tmp_path / "p.yaml", "s", 1, 2, tmp_path)
+    import yaml
+
+    doc = yaml.safe_load(pool.read_text())
+    doc["spec"]["redis"]["passwordSecretRef"] = {"name": "redis", "key": "password"}
+    pool.write_text(yaml.safe_dump(doc))
+    _, spec, _ = local.load_pool(pool)
+    with pytest.raises(local.LocalError, match="REDIS_PASSWORD"):
+        local.worker_env(spec, tmp_path, environ={})
+    assert local.worker_env(spec, tmp_path, environ={"REDIS_PASSWORD": "pw"})["REDIS_PASSWORD"] == "pw"
+
+
+def test_relative_file_bucket_is_resolved(tmp_path: Path):
+    assert local.local_bucket("file://data/b", tmp_path) == f"file://{tmp_path}/data/b"
+    assert local.local_bucket("file:///abs/b", tmp_path) == "file:///abs/b"
+    assert local.local_bucket("s3://b", tmp_path) == "s3://b"

@@ -1,0 +1,141 @@
+"""Tracking jobs end to end: time-lapse TIFF -> model server (gRPC) per frame -> deep
+watershed -> tracking -> zip with the tracked stack and lineage.json, checked against
+the synthetic ground truth (ids consistent over frames, divisions found)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import tifffile
+from harness.redis_server import RedisServer
+from kiosk_model_server.server import ModelServer
+from kiosk_model_server.synthetic import make_timelapse
+from kiosk_worker import protocol
+from kiosk_worker.consumers.tracking import movie_order
+from kiosk_worker.errors import BadImage
+from kiosk_worker.runner import Runner
+from kiosk_worker.settings import load_settings
+
+QUEUE = "track"
+
+
+def run_worker(redis_server: RedisServer, server: ModelServer, bucket: Path, consumer: str = "tracking",
+               **extra: str) -> Runner:
+    env = {
+        **redis_server.env(), "TF_HOST": "127.0.0.1", "TF_PORT": str(server.port),
+        "STORAGE_BUCKET": f"file://{bucket}", "QUEUE": QUEUE, "CONSUMER_TYPE": consumer,
+        "EMPTY_QUEUE_TIMEOUT": "0.2", "HEARTBEAT_INTERVAL": "0.2", "GRPC_BACKOFF": "0.01",
+        "MAX_RETRY": "1", "WORKER_NAME": "tracker", **extra,
+    }
+    runner = Runner(load_settings(env), max_jobs=100)
+    assert runner.run() == 0
+    return runner
+
+
+def submit_movie(client: redis.Redis, bucket: Path, name: str, stack: np.ndarray, **extra: str) -> str:
+    tifffile.imwrite(bucket / name, stack, photometric="minisblack")
+    return protocol.submit_job(client, QUEUE, name, "segmentation", "1", **extra)
+
+
+def read_result(job: dict[str, str]) -> tuple[np.ndarray, dict[str, dict]]:
+    with zipfile.ZipFile(job["output_url"]) as zf:
+        names = sorted(zf.namelist())
+        assert len(names) == 2 and "lineage.json" in names, names
+        stack_name = next(n for n in names if n.endswith("_tracked.tif"))
+        with zf.open(stack_name) as fh:
+            labels = tifffile.imread(fh)
+        lineage = json.loads(zf.read("lineage.json"))
+    return labels, lineage
+
+
+def majority(values: np.ndarray) -> int:
+    return int(np.bincount(values).argmax()) if values.size else 0
+
+
+def score(labels: np.ndarray, lineage: dict[str, dict], truth: np.ndarray,
+          truth_lineage: dict[int, dict]) -> dict[str, float]:
+    """Share of true cells followed by one id, share of ids on one true cell, division recall."""
+    def consistent(a: np.ndarray, b: np.ndarray) -> float:
+        cells = [int(v) for v in np.unique(a) if v]
+        ok = 0
+        for v in cells:
+            ids = {majority(b[t][a[t] == v]) for t in range(a.shape[0]) if (a[t] == v).any()}
+            ok += ids != {0} and len(ids) == 1
+        return ok / max(len(cells), 1)
+
+    to_truth = {int(cid): majority(truth[labels == int(cid)]) for cid in lineage}
+    found = {(to_truth[int(cid)], *sorted(to_truth[d] for d in info["daughters"]))
+             for cid, info in lineage.items() if len(info["daughters"]) == 2}
+    expected = {(cid, *sorted(info["daughters"])) for cid, info in truth_lineage.items() if info["daughters"]}
+    return {
+        "truth_consistent": consistent(truth, labels),
+        "ids_pure": consistent(labels, truth),
+        "division_recall": len(found & expected) / max(len(expected), 1),
+        "false_divisions": len(found - expected),
+    }
+
+
+@pytest.mark.parametrize(("seed", "consumer"), [(0, "tracking"), (3, "caliban")])
+def test_timelapse_tracked_against_ground_truth(redis_server: RedisServer, redis_client: redis.Redis,
+                                                model_server: ModelServer, bucket: Path,
+                                                seed: int, consumer: str) -> None:
+    stack, truth, truth_lineage = make_timelapse(frames=10, shape=(96, 96), n_cells=8, seed=seed)
+    assert any(info["daughters"] for info in truth_lineage.values())
+    key = submit_movie(redis_client, bucket, "movie.tif", stack)
+    runner = run_worker(redis_server, model_server, bucket, consumer)
+    job = redis_client.hgetall(key)
+    assert job["status"] == "done", job.get("reason")
+    assert runner.stats.jobs_done == 1
+    for field in ("output_url", "output_file_name", "finished_at", "total_time", "upload_time",
+                  "download_time"):
+        assert job[field], field
+
+    labels, lineage = read_result(job)
+    assert labels.shape == truth.shape and labels.dtype == np.int32
+    assert set(map(int, lineage)) == {int(v) for v in np.unique(labels) if v}
+    for cid, info in lineage.items():
+        present = [t for t in range(labels.shape[0]) if (labels[t] == int(cid)).any()]
+        assert info["frames"] == present
+        for d in info["daughters"]:
+            assert lineage[str(d)]["parent"] == int(cid)
+        assert isinstance(info["capped"], bool)
+    s = score(labels, lineage, truth, truth_lineage)
+    print("tracking accuracy", seed, s)
+    assert s["truth_consistent"] >= 0.95, s
+    assert s["ids_pure"] >= 0.95, s
+    assert s["division_recall"] == 1.0, s  # every true division found
+    assert s["false_divisions"] == 0, s
+
+
+def test_tracking_bad_inputs_fail_with_one_line(redis_server: RedisServer, redis_client: redis.Redis,
+                                               model_server: ModelServer, bucket: Path) -> None:
+    five_d = submit_movie(redis_client, bucket, "five.tif", np.zeros((2, 2, 2, 8, 8), np.float32))
+    (bucket / "junk.tif").write_bytes(b"not a tiff at all")
+    junk = protocol.submit_job(redis_client, QUEUE, "junk.tif", "segmentation", "1")
+    order = submit_movie(redis_client, bucket, "order.tif", np.zeros((3, 16, 16), np.float32),
+                         dimension_order="YX")
+    missing = protocol.submit_job(redis_client, QUEUE, "nowhere.tif", "segmentation", "1")
+    ok_stack, _, _ = make_timelapse(frames=3, shape=(48, 48), n_cells=3, seed=1)
+    ok = submit_movie(redis_client, bucket, "ok.tif", ok_stack)
+    run_worker(redis_server, model_server, bucket)
+    for key, word in [(five_d, "dimensions"), (junk, "junk.tif"), (order, "dimension_order"),
+                      (missing, "nowhere.tif")]:
+        job = redis_client.hgetall(key)
+        assert job["status"] == "failed", (key, job)
+        assert word in job["reason"] and "\n" not in job["reason"] and "Traceback" not in job["reason"]
+    assert redis_client.hget(ok, "status") == "done"
+
+
+def test_movie_order() -> None:
+    assert movie_order(3, (5, 64, 64)) == "TYX"
+    assert movie_order(3, (2, 64, 64)) == "TYX"  # not channels: a movie is frames first
+    assert movie_order(4, (5, 64, 64, 2)) == "TYXC"
+    assert movie_order(4, (5, 2, 64, 64)) == "TCYX"
+    assert movie_order(3, (64, 64, 5), "yxt") == "YXT"
+    with pytest.raises(BadImage):
+        movie_order(5, (1, 2, 3, 4, 5))

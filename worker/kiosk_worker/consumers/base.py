@@ -1,0 +1,306 @@
+"""Base consumers: the Kiosk's custom-consumer contract, with the bookkeeping done once.
+
+Writing a consumer (the seed's contract, unchanged)::
+
+    from kiosk_worker.consumers.base import TensorFlowServingConsumer
+
+    class MyConsumer(TensorFlowServingConsumer):
+        def _consume(self, redis_hash: str) -> str:
+            hvals = self.redis.hgetall(redis_hash)           # str -> str
+            self.update_key(redis_hash, {"status": "predicting"})
+            with self.timed("download_time"):
+                path = self.storage.download(hvals["input_file_name"], self.tempdir)
+            ...                                              # load, self.grpc_image(...), save
+            dest, url = self.storage.upload(zip_path)
+            self.finish_fields.update(output_url=url, output_file_name=dest)
+            return self.final_status
+
+Register it under the entry-point group ``kiosk_worker.consumers`` (see
+``consumers/__init__.py``). What the base class does around ``_consume``:
+
+* ``consume(key, queue)`` skips vanished or already finished hashes, writes
+  ``status=started`` + ``identity_started``, and calls ``_consume`` with a
+  fresh per-job temp dir in ``self.tempdir``.
+* Returning ``final_status`` ends the job: ``finish_fields`` (plus
+  ``finished_at`` and ``total_time`` unless set) are written and the item
+  leaves the processing list in one transaction.
+* Raising anything ends the job ``failed`` with a one-line ``reason``
+  (``errors.reason_for``; raise ``errors.JobError`` for your own messages);
+  the traceback goes to the log only. Redis connection errors propagate so the
+  runner can reconnect and give the item back.
+* Returning any other status (e.g. ``waiting``) keeps the job alive: the status
+  is written and the item goes to the back of its queue to be consumed again
+  later (how the zip consumer waits for its children without blocking).
+
+``update_key`` stamps ``updated_at``/``updated_by`` and refuses to write once the
+runner has cancelled the job (grace period over, item given back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import redis
+
+from kiosk_worker import protocol
+from kiosk_worker.errors import Cancelled, JobError, ModelMismatch, reason_for
+from kiosk_worker.settings import Settings
+
+__all__ = ["Consumer", "TensorFlowServingConsumer"]
+
+
+class Consumer:
+    """Consumes job keys of one or more queues; subclasses implement ``_consume``.
+
+    ``redis_client`` should decode responses (``str`` values, as upstream),
+    ``storage`` has ``download(path, dest_dir) -> local path`` and
+    ``upload(local_path, subdir='') -> (dest_name, output_url)``.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        storage: Any,
+        queue: str,
+        *,
+        settings: Settings | None = None,
+        store: protocol.JobStore | None = None,
+        name: str | None = None,
+        tf_client: Any = None,
+        final_status: str = protocol.DONE,
+        failed_status: str = protocol.FAILED,
+    ) -> None:
+        self.redis = redis_client
+        self.storage = storage
+        self.queue = queue
+        self.settings = settings or Settings()
+        self.name = name or (store.worker if store else "") or self.settings.worker_name or \
+            protocol.default_worker_name()
+        self.store = store or protocol.JobStore(redis_client, self.name, self.settings.expire_time)
+        self.final_status = final_status
+        self.failed_status = failed_status
+        self.logger = logging.getLogger(f"kiosk_worker.consumers.{type(self).__name__}")
+        self._tf_client = tf_client
+        # Per-job state, reset by consume().
+        self.finish_fields: dict[str, Any] = {}
+        self.tempdir = ""
+        self.current_key = ""
+        self._cancelled = threading.Event()
+
+    # -- the contract ----------------------------------------------------
+    def _consume(self, redis_hash: str) -> str:
+        """Do the job; return the final status (see module docstring)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def source_queues(queues: list[str]) -> list[str]:
+        """The queues this consumer pops from, given QUEUE (override e.g. to add '-zip')."""
+        return list(queues)
+
+    # -- helpers for subclasses --------------------------------------------
+    def update_key(self, redis_hash: str, data: Mapping[str, Any]) -> None:
+        """HSET fields (stamped with updated_at/updated_by) unless the job was given back."""
+        if self._cancelled.is_set():
+            raise Cancelled(redis_hash)
+        self.store.update(redis_hash, data)
+
+    def set_status(self, redis_hash: str, status: str, **fields: Any) -> None:
+        self.update_key(redis_hash, {"status": status, **fields})
+
+    @contextlib.contextmanager
+    def timed(self, field: str) -> Iterator[None]:
+        """Add the block's duration in seconds to ``finish_fields[field]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.finish_fields[field] = float(self.finish_fields.get(field, 0.0)) + spent
+
+    @staticmethod
+    def get_current_timestamp() -> str:
+        return protocol.utc_now_iso()
+
+    def cancel(self) -> None:
+        """Called by the runner from another thread: stop writing for the current job."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # -- the driver ----------------------------------------------------------
+    def consume(self, redis_hash: str, queue: str | None = None) -> str | None:
+        """Process one job key held in our processing list of ``queue``.
+
+        Returns the status written, or None when the key was skipped (hash gone
+        or already finished: the item is just dropped from processing).
+        """
+        queue = queue or protocol.queue_of_key(redis_hash)
+        self._cancelled.clear()
+        self.finish_fields = {}
+        self.current_key = redis_hash
+        start = time.perf_counter()
+        try:
+            status = self.redis.hget(redis_hash, "status")
+            if status is None or protocol._text(status) in protocol.FINISHED_STATUSES:
+                self.logger.warning("skipping %s: %s", redis_hash,
+                                    "no such job hash" if status is None else f"already {status}")
+                self.store.release(queue, redis_hash)
+                return None
+            self.update_key(redis_hash, {"status": protocol.STARTED, "identity_started": self.name})
+            tempdir = tempfile.mkdtemp(prefix="kiosk-job-")
+            self.tempdir = tempdir
+            try:
+                status = self._consume(redis_hash)
+            finally:
+                shutil.rmtree(tempdir, ignore_errors=True)
+                self.tempdir = ""
+        except (Cancelled, redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as err:  # every other failure ends the job, the worker goes on
+            reason = reason_for(err)
+            level = logging.WARNING if isinstance(err, JobError) else logging.ERROR
+            self.logger.log(level, "job %s failed: %s", redis_hash, reason,
+                            exc_info=not isinstance(err, JobError))
+            self._finish(queue, redis_hash, {
+                "status": self.failed_status, "reason": reason,
+                "finished_at": protocol.utc_now_iso(),
+                "total_time": f"{time.perf_counter() - start:.6f}"})
+            return self.failed_status
+        finally:
+            self.current_key = ""
+        if status in (self.final_status, self.failed_status):
+            fields = {k: _fmt(v) for k, v in self.finish_fields.items()}
+            fields["status"] = status
+            fields.setdefault("finished_at", protocol.utc_now_iso())
+            fields.setdefault("total_time", f"{time.perf_counter() - start:.6f}")
+            self._finish(queue, redis_hash, fields)
+        else:
+            self.update_key(redis_hash, {"status": status})
+            self.store.requeue(queue, redis_hash, front=False)
+        self.logger.info("job %s: %s in %.3fs", redis_hash, status, time.perf_counter() - start)
+        return status
+
+    def _finish(self, queue: str, key: str, fields: Mapping[str, Any]) -> None:
+        if self._cancelled.is_set():
+            raise Cancelled(key)
+        self.store.finish(queue, key, fields)
+
+
+def _fmt(value: Any) -> str:
+    """Timing fields are seconds as strings, as the Kiosk writes them."""
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return "" if value is None else str(value)
+
+
+class TensorFlowServingConsumer(Consumer):
+    """A consumer that talks to TF Serving: ``grpc_image`` and cached model metadata."""
+
+    @property
+    def tf_client(self) -> Any:
+        """One client (one gRPC channel) per consumer, created on first use."""
+        if self._tf_client is None:
+            from kiosk_worker.tfs.client import TFServingClient
+
+            s = self.settings
+            self._tf_client = TFServingClient(
+                s.tf_host, s.tf_port, timeout=s.grpc_timeout, max_retries=s.max_retry,
+                backoff=s.grpc_backoff, max_message_bytes=s.grpc_max_message_bytes)
+        return self._tf_client
+
+    @staticmethod
+    def parse_model_version(value: Any) -> int | None:
+        """'' means the latest version; anything else must be a non-negative integer."""
+        text = "" if value is None else str(value).strip()
+        if not text:
+            return None
+        try:
+            version = int(text)
+        except ValueError:
+            raise JobError(f"model_version must be a whole number, got '{text}'") from None
+        if version < 0:
+            raise JobError(f"model_version must not be negative, got '{text}'")
+        return version
+
+    def get_model_metadata(self, model_name: str, model_version: Any) -> dict[str, dict[str, Any]]:
+        """Serving-default inputs ``{alias: {name, dtype, shape}}``, cached in Redis.
+
+        Cache: hash ``{model_name}:{model_version}``, field ``metadata`` (the
+        Kiosk's JSON form), expiring after METADATA_EXPIRE_TIME seconds.
+        """
+        from kiosk_worker.tfs.client import from_kiosk_cache, to_kiosk_cache
+
+        if not model_name:
+            raise JobError("the job names no model (model_name is empty)")
+        cache_key = f"{model_name}:{model_version}"
+        ttl = self.settings.metadata_expire_time
+        if ttl > 0:
+            cached = self.redis.hget(cache_key, "metadata")
+            if cached:
+                try:
+                    return from_kiosk_cache(json.loads(cached))
+                except (ValueError, AttributeError, TypeError):
+                    self.logger.warning("ignoring unreadable metadata cache %s", cache_key)
+        meta = self.tf_client.get_model_metadata(model_name, self.parse_model_version(model_version))
+        if ttl > 0:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(cache_key, "metadata", json.dumps(to_kiosk_cache(meta)))
+            pipe.expire(cache_key, ttl)
+            pipe.execute()
+        return {k: dict(v) for k, v in meta["inputs"].items()}
+
+    def input_alias(self, inputs: Mapping[str, Any]) -> str:
+        """TF_TENSOR_NAME if the model has it, else the model's only input."""
+        name = self.settings.tf_tensor_name
+        if name in inputs:
+            return name
+        if len(inputs) == 1:
+            return next(iter(inputs))
+        raise ModelMismatch(f"model has inputs {sorted(inputs)} but none named '{name}' (TF_TENSOR_NAME)")
+
+    def grpc_image(self, image: np.ndarray, model_name: str, model_version: Any) -> dict[str, np.ndarray]:
+        """Run ``image`` through the model; returns output alias -> array.
+
+        ``image`` is batched (rank of the model input) or one item without the
+        batch axis (then the outputs lose it too). Batches are split into
+        requests of at most TF_MAX_BATCH_SIZE items and the outputs concatenated.
+        """
+        inputs = self.get_model_metadata(model_name, model_version)
+        alias = self.input_alias(inputs)
+        rank = len(inputs[alias]["shape"]) if inputs[alias]["shape"] is not None else image.ndim
+        single = image.ndim == rank - 1
+        batch = image[np.newaxis] if single else image
+        if batch.ndim != rank:
+            raise ModelMismatch(
+                f"model '{model_name}' expects rank-{rank} input, got shape {list(image.shape)}")
+        version = self.parse_model_version(model_version)
+        dtype = _np_dtype(inputs[alias]["dtype"])
+        step = max(1, self.settings.tf_max_batch_size)
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, batch.shape[0], step):
+            chunk = np.ascontiguousarray(batch[start:start + step], dtype=dtype)
+            out = self.tf_client.predict(model_name, version, {alias: chunk})
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+        result = {k: (v[0] if len(v) == 1 else np.concatenate(v)) for k, v in parts.items()}
+        return {k: v[0] for k, v in result.items()} if single else result
+
+
+def _np_dtype(tf_name: str) -> np.dtype:
+    from kiosk_worker.tfs.tensor import dtype_from_name, from_tf_dtype
+
+    try:
+        return np.dtype(from_tf_dtype(dtype_from_name(tf_name)))
+    except (KeyError, ValueError, TypeError):
+        return np.dtype(np.float32)

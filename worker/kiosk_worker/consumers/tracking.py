@@ -1,0 +1,93 @@
+"""The tracking consumer (CONSUMER_TYPE ``tracking``, alias ``caliban``).
+
+A time-lapse stack (T, H, W[, C]) is segmented frame by frame with the same
+steps as the segmentation consumer (model signature check, tiling, Predict in
+batches, deep watershed), then ``kiosk_worker.tracking`` links the cells
+across frames. The result zip holds ``{stem}_tracked.tif`` (the T x H x W
+label stack, one id per cell over time) and ``lineage.json``
+(id -> frames, parent, daughters, frame_div, capped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from kiosk_worker import imaging, protocol, results, tracking
+from kiosk_worker.consumers.segmentation import SegmentationConsumer
+from kiosk_worker.errors import BadImage, JobError
+
+__all__ = ["TrackingConsumer", "movie_order"]
+
+
+def movie_order(ndim: int, shape: tuple[int, ...], dimension_order: str = "") -> str:
+    """Axis order of a movie: the job's ``dimension_order``, else TYX / TYXC / TCYX."""
+    if dimension_order.strip():
+        return dimension_order.strip().upper()
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        return "TYX"
+    if ndim == 4:
+        return "TYXC" if shape[-1] <= 4 else "TCYX"
+    raise BadImage(f"time-lapse has {ndim} dimensions; expected frames x height x width [x channels]")
+
+
+class TrackingConsumer(SegmentationConsumer):
+    """Segment every frame through the model, then track; one zip with labels + lineage."""
+
+    params = tracking.TrackingParams()
+
+    def _consume(self, redis_hash: str) -> str:
+        job = self.store.get(redis_hash)
+        model_name, model_version = job.get("model_name", ""), job.get("model_version", "")
+        input_name = job.get("input_file_name", "")
+        if not input_name:
+            raise JobError("the job names no input file (input_file_name is empty)")
+
+        self.set_status(redis_hash, protocol.PRE_PROCESSING)
+        with self.timed("download_time"):
+            local = self.storage.download(input_name, self.tempdir)
+        movie = self.load(local, job)
+        inputs = self.get_model_metadata(model_name, model_version)
+        movie, tile = self.fit_model(movie, inputs, job.get("channels", ""), model_name)
+
+        self.set_status(redis_hash, protocol.PREDICTING)
+        outputs = self.predict(movie, model_name, model_version, tile)
+
+        self.set_status(redis_hash, protocol.POST_PROCESSING)
+        labels = self.postprocess(outputs)
+        result = tracking.track(labels, self.params)
+
+        self.set_status(redis_hash, protocol.SAVING_RESULTS)
+        stem = results.result_stem(job.get("original_name") or input_name)
+        paths = self.save(result, stem)
+        zip_path = results.zip_files(paths, os.path.join(self.tempdir, f"{stem}.zip"))
+        with self.timed("upload_time"):
+            dest, url = self.storage.upload(zip_path)
+        self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
+        self.logger.info("tracked %s: %d frames, %d cells, %d divisions", redis_hash,
+                         labels.shape[0], len(result.lineage), len(result.divisions))
+        return self.final_status
+
+    def load(self, local_path: str, job: dict[str, str]) -> np.ndarray:
+        """The movie as (T, H, W, C), size-checked from its header first."""
+        order = job.get("dimension_order", "")
+        info = imaging.read_header(local_path)
+        order = movie_order(len(info.shape), info.shape, order)
+        raw = imaging.load_image(local_path, self.settings.max_image_height,
+                                 self.settings.max_image_width, order)
+        return imaging.to_nhwc(raw, order)
+
+    def save(self, result: tracking.TrackingResult, stem: str) -> list[str]:
+        import tifffile
+
+        stack_path = os.path.join(self.tempdir, f"{stem}_tracked.tif")
+        tifffile.imwrite(stack_path, np.ascontiguousarray(result.labels, dtype=np.int32),
+                         compression="zlib", photometric="minisblack", metadata={"axes": "TYX"})
+        lineage_path = os.path.join(self.tempdir, "lineage.json")
+        with open(lineage_path, "w", encoding="utf-8") as fh:
+            json.dump(tracking.lineage_json(result.lineage), fh, indent=1)
+        return [stack_path, lineage_path]

@@ -1,0 +1,189 @@
+"""The zip consumer (CONSUMER_TYPE ``zip``): fan an archive out as child jobs, fan results in.
+
+Parent status order is the Kiosk's: ``new -> waiting -> done``.
+
+* First visit (the parent has no ``children`` yet): download the archive,
+  extract it safely (``zipjobs``: member and size limits, no escaping paths),
+  upload every member, then in ONE Redis transaction write every child hash,
+  push the children onto the child queue (the parent queue without ``-zip``)
+  and record ``children`` on the parent. Return ``waiting``: the base class
+  puts the parent at the back of its queue.
+* Later visits: read the open children's statuses, update ``children:done``,
+  ``children:failed`` and ``progress``; still waiting -> back of the queue
+  again. Nothing blocks: between two visits the worker serves other parents
+  (the runner does not re-run a job it just put back sooner than
+  ``runner.RECHECK_DELAY``, so an idle worker does not spin).
+* All children finished: download each child's result, pack them into one
+  zip (``{member path without extension}/...``), upload it, and finish with
+  ``output_url``, ``output_file_name``, ``failures`` (urlencoded
+  ``{child_key: reason}``) and ``total_jobs``. Children expire EXPIRE_TIME
+  after they finish (their own worker sets that) and again from now.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from kiosk_worker import protocol, results, zipjobs
+from kiosk_worker.consumers.base import Consumer
+from kiosk_worker.errors import JobError, one_line, reason_for
+
+__all__ = ["ZipConsumer"]
+
+LOST_REASON = "job record expired before its result was collected"
+
+
+class ZipConsumer(Consumer):
+    """Consumes ``{queue}-zip`` parents; children are processed by the ``{queue}`` workers."""
+
+    @staticmethod
+    def source_queues(queues: list[str]) -> list[str]:
+        """Queues a zip worker pops from: ``predict`` -> ``predict-zip`` (upstream's convention)."""
+        return [q if q.endswith(protocol.ZIP_SUFFIX) else q + protocol.ZIP_SUFFIX for q in queues]
+
+    @property
+    def limits(self) -> zipjobs.ZipLimits:
+        return zipjobs.ZipLimits(self.settings.max_zip_members, self.settings.max_zip_bytes)
+
+    def _consume(self, redis_hash: str) -> str:
+        job = self.store.get(redis_hash)
+        if "children" not in job:
+            return self.fan_out(redis_hash, job)
+        return self.check_children(redis_hash, job)
+
+    # -- first visit ---------------------------------------------------------------------------
+
+    def fan_out(self, redis_hash: str, job: dict[str, str]) -> str:
+        parent_queue = protocol.queue_of_key(redis_hash)
+        child_queue = zipjobs.child_queue_of(parent_queue)
+        if child_queue == parent_queue:
+            raise JobError(f"zip jobs belong on a '{parent_queue}{protocol.ZIP_SUFFIX}' queue, "
+                           f"not '{parent_queue}'")
+        input_name = job.get("input_file_name", "")
+        if not input_name:
+            raise JobError("the job names no input file (input_file_name is empty)")
+        if not input_name.lower().endswith(".zip"):
+            raise JobError(f"input file '{os.path.basename(input_name)}' is not a .zip archive")
+
+        with self.timed("download_time"):
+            archive = self.storage.download(input_name, self.tempdir)
+        extract_dir = os.path.join(self.tempdir, "members")
+        members = zipjobs.extract_archive(archive, extract_dir, self.limits)
+        os.remove(archive)
+
+        batch = uuid.uuid4().hex
+        children: list[tuple[str, dict[str, str]]] = []
+        with self.timed("upload_time"):
+            for member in members:
+                local = os.path.join(extract_dir, *member.split("/"))
+                subdir = "/".join(p for p in (batch, os.path.dirname(member)) if p)
+                dest, _ = self.storage.upload(local, subdir=subdir)
+                os.remove(local)
+                key = zipjobs.child_key(child_queue, member, uuid.uuid4().hex)
+                children.append((key, zipjobs.child_fields(job, dest, member, self.name)))
+
+        if self.cancelled:
+            raise JobError("cancelled before the children were queued")
+        # Children and the parent's list of them appear together or not at all.
+        parent = self.store._stamp({  # noqa: SLF001 - same stamping as every consumer write
+            "children": zipjobs.join_keys(k for k, _ in children),
+            "children:done": "",
+            "children:failed": "",
+            "progress": 0,
+            "total_jobs": len(children),
+        })
+        pipe = self.redis.pipeline(transaction=True)
+        for key, fields in children:
+            pipe.hset(key, mapping=fields)
+        pipe.hset(redis_hash, mapping=parent)
+        pipe.lpush(child_queue, *(k for k, _ in children))
+        pipe.execute()
+        self.logger.info("zip %s: %d children queued on %s", redis_hash, len(children), child_queue)
+        return protocol.WAITING
+
+    # -- later visits --------------------------------------------------------------------------
+
+    def check_children(self, redis_hash: str, job: dict[str, str]) -> str:
+        children = zipjobs.split_keys(job.get("children"))
+        done = zipjobs.split_keys(job.get("children:done"))
+        failed = zipjobs.split_keys(job.get("children:failed"))
+        known = set(done) | set(failed)
+        open_keys = [k for k in children if k not in known]
+        pipe = self.redis.pipeline(transaction=False)
+        for key in open_keys:
+            pipe.hget(key, "status")
+        statuses = dict(zip(open_keys, (protocol._text(s) for s in pipe.execute()), strict=True))
+        tally = zipjobs.tally_children(children, done, failed, statuses)
+        self.update_key(redis_hash, {
+            "children:done": zipjobs.join_keys(tally.done),
+            "children:failed": zipjobs.join_keys(tally.failed),
+            "progress": tally.progress,
+        })
+        if not tally.complete:
+            self.logger.debug("zip %s: %d/%d children finished", redis_hash,
+                              tally.total - len(tally.remaining), tally.total)
+            return protocol.WAITING
+        return self.collect(redis_hash, job, tally)
+
+    # -- last visit ----------------------------------------------------------------------------
+
+    def collect(self, redis_hash: str, job: dict[str, str], tally: zipjobs.ChildTally) -> str:
+        fields = ("status", "output_file_name", "original_name", "reason")
+        pipe = self.redis.pipeline(transaction=False)
+        for key in (*tally.done, *tally.failed):
+            pipe.hmget(key, fields)
+        rows = dict(zip((*tally.done, *tally.failed),
+                        ([protocol._text(v) for v in row] for row in pipe.execute()), strict=True))
+
+        failures: dict[str, str] = {}
+        for key in tally.failed:
+            status, _, _, reason = rows[key]
+            failures[key] = reason or (LOST_REASON if status is None else "failed")
+        packed: list[tuple[str, str]] = []
+        done: list[str] = []
+        with self.timed("download_time"):
+            for i, key in enumerate(tally.done):
+                _, output, member, _ = rows[key]
+                member = member or key.split(":", 1)[-1].rsplit(":", 1)[0]
+                if not output:
+                    failures[key] = LOST_REASON if rows[key][0] is None else "finished without a result file"
+                    continue
+                try:
+                    local = self.storage.download(output, os.path.join(self.tempdir, "results", str(i)))
+                except Exception as err:  # one missing result must not sink the whole archive
+                    self.logger.warning("zip %s: result of %s unavailable: %s", redis_hash, key, err)
+                    failures[key] = one_line(f"result file unavailable: {reason_for(err)}")
+                    continue
+                packed.append((member, local))
+                done.append(key)
+
+        stem = results.result_stem(job.get("original_name") or job.get("input_file_name", ""), "archive")
+        out_zip = os.path.join(self.tempdir, f"{stem}_results.zip")
+        zipjobs.pack_results(packed, out_zip)
+        with self.timed("upload_time"):
+            dest, url = self.storage.upload(out_zip)
+
+        children = zipjobs.split_keys(job.get("children"))
+        self.expire_children(children)
+        self.finish_fields.update({
+            "output_url": url,
+            "output_file_name": dest,
+            "failures": zipjobs.encode_failures(failures),
+            "total_jobs": len(children),
+            "children:done": zipjobs.join_keys(done),
+            "children:failed": zipjobs.join_keys(k for k in children if k in failures),
+            "progress": 100,
+        })
+        self.logger.info("zip %s: %d children done, %d failed", redis_hash, len(done), len(failures))
+        return self.final_status
+
+    def expire_children(self, children: list[str]) -> None:
+        """Children live EXPIRE_TIME from now (their own finish set it already; this is the floor)."""
+        ttl = self.store.expire_time
+        if ttl <= 0 or not children:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key in children:
+            pipe.expire(key, ttl)
+        pipe.execute()

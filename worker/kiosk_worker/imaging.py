@@ -1,0 +1,273 @@
+"""Load input images safely and shape them for a model.
+
+Sizes are read from the file header before any pixel is decoded (TIFF, PNG,
+JPEG, NPY), so an oversized image is rejected without allocating it. Loaded
+images are normalised to ``(N, H, W, C)``: N frames (batch/time/z axes
+flattened), C channels, following the job's ``dimension_order`` (e.g. ``YXC``,
+``CYX``, ``ZYX``, ``BYXC``) and ``channels`` (comma-separated indices to keep,
+'' for an all-zero channel) fields.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+
+from kiosk_worker.errors import BadImage, ImageTooLarge, InputMissing, ModelMismatch, UnsupportedFormat
+
+__all__ = [
+    "FORMATS",
+    "ImageInfo",
+    "check_size",
+    "detect_format",
+    "fit_channels",
+    "load_image",
+    "read_header",
+    "to_nhwc",
+]
+
+FORMATS = ("tiff", "png", "jpeg", "npy")
+_EXTENSIONS = {".tif": "tiff", ".tiff": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg",
+               ".npy": "npy"}
+_BATCH_AXES = "BTZSN"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says: format, array shape and dtype (None if unknown)."""
+
+    format: str
+    shape: tuple[int, ...]
+    dtype: str | None = None
+
+
+def detect_format(path: str) -> str:
+    """Format from the magic bytes (falls back to the extension only to name it)."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        raise BadImage(f"input file '{os.path.basename(path)}' is empty")
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:6] == b"\x93NUMPY":
+        return "npy"
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _EXTENSIONS:
+        kind = _EXTENSIONS[ext].upper()
+        raise BadImage(f"input file '{os.path.basename(path)}' is not a valid {kind} image")
+    raise UnsupportedFormat(
+        f"unsupported input format '{ext or os.path.basename(path)}': use TIFF, PNG, JPEG or NPY")
+
+
+def read_header(path: str) -> ImageInfo:
+    """Shape without decoding pixels; raises BadImage if the header is unreadable."""
+    fmt = detect_format(path)
+    name = os.path.basename(path)
+    try:
+        if fmt == "tiff":
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise BadImage(f"TIFF '{name}' contains no image")
+                series = tif.series[0]
+                return ImageInfo(fmt, tuple(int(s) for s in series.shape), str(series.dtype))
+        if fmt == "npy":
+            fmt_mod = np.lib.format
+            with open(path, "rb") as fh:
+                version = fmt_mod.read_magic(fh)
+                if version == (1, 0):
+                    shape, _, dtype = fmt_mod.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, _, dtype = fmt_mod.read_array_header_2_0(fh)
+                else:  # a memory map reads only the header of newer versions
+                    mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+                    shape, dtype = mapped.shape, mapped.dtype
+                    del mapped
+            return ImageInfo(fmt, tuple(int(s) for s in shape), str(dtype))
+        with open(path, "rb") as fh:
+            height, width, bands = _png_header(fh) if fmt == "png" else _jpeg_header(fh)
+        shape = (height, width) if bands == 1 else (height, width, bands)
+        return ImageInfo(fmt, shape, None)
+    except BadImage:
+        raise
+    except Exception as err:
+        raise BadImage(f"cannot read {fmt.upper()} header of '{name}': {_short(err)}") from None
+
+
+_PNG_BANDS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# JPEG start-of-frame markers (SOF0..SOF15 except DHT, JPG and DAC).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _png_header(fh: BinaryIO) -> tuple[int, int, int]:
+    """(height, width, bands) from the IHDR chunk, which the PNG spec puts first."""
+    head = fh.read(26)
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        raise BadImage("PNG header is truncated or has no IHDR chunk")
+    width, height = struct.unpack(">II", head[16:24])
+    color_type = head[25]
+    if color_type not in _PNG_BANDS:
+        raise BadImage(f"PNG has an invalid color type {color_type}")
+    return height, width, _PNG_BANDS[color_type]
+
+
+def _jpeg_header(fh: BinaryIO) -> tuple[int, int, int]:
+    """(height, width, components) from the first start-of-frame segment."""
+    fh.seek(2)
+    while True:
+        byte = fh.read(1)
+        while byte and byte != b"\xff":
+            byte = fh.read(1)
+        while byte == b"\xff":
+            byte = fh.read(1)
+        if not byte:
+            raise BadImage("JPEG has no frame header")
+        marker = byte[0]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            continue
+        if marker == 0xD9:
+            raise BadImage("JPEG has no frame header")
+        length_bytes = fh.read(2)
+        if len(length_bytes) < 2:
+            raise BadImage("JPEG header is truncated")
+        (length,) = struct.unpack(">H", length_bytes)
+        if marker in _SOF:
+            seg = fh.read(6)
+            if len(seg) < 6:
+                raise BadImage("JPEG frame header is truncated")
+            _, height, width, comps = struct.unpack(">BHHB", seg)
+            return height, width, comps
+        fh.seek(length - 2, 1)
+
+
+def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order: str = "") -> None:
+    """Reject images over the limits using only the header."""
+    shape = info.shape
+    if len(shape) < 2:
+        raise BadImage(f"image has {len(shape)} dimension(s); at least height and width are needed")
+    order = _normalise_order(dimension_order, len(shape)) or _guess_order(len(shape), shape)
+    height, width = shape[order.index("Y")], shape[order.index("X")]
+    if height > max_height or width > max_width:
+        raise ImageTooLarge(
+            f"image is {height}x{width} pixels, over the limit of {max_height}x{max_width}"
+            " (MAX_IMAGE_HEIGHT x MAX_IMAGE_WIDTH)")
+    if height == 0 or width == 0:
+        raise BadImage("image has zero height or width")
+
+
+def load_image(path: str, max_height: int = 8192, max_width: int = 8192,
+               dimension_order: str = "") -> np.ndarray:
+    """Header check, then decode; returns the raw array (any rank)."""
+    if not os.path.isfile(path):
+        raise InputMissing(f"input file not found: {os.path.basename(path)}")
+    info = read_header(path)
+    check_size(info, max_height, max_width, dimension_order)
+    name = os.path.basename(path)
+    try:
+        if info.format == "tiff":
+            import tifffile
+
+            array = tifffile.imread(path)
+        elif info.format == "npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.load()
+                array = np.asarray(img)
+    except Exception as err:
+        raise BadImage(f"cannot decode {info.format.upper()} image '{name}': {_short(err)}") from None
+    if array.dtype.kind not in "biuf":
+        raise BadImage(f"image '{name}' has unsupported pixel type {array.dtype}")
+    if array.size == 0:
+        raise BadImage(f"image '{name}' is empty")
+    return array
+
+
+def _normalise_order(order: str, ndim: int) -> str:
+    """Validate a ``dimension_order`` like 'YXC' / 'CYX' / 'ZYX'; '' means guess."""
+    text = (order or "").strip().upper()
+    if not text:
+        return ""
+    if len(text) != ndim:
+        raise BadImage(f"dimension_order '{order}' has {len(text)} axes but the image has {ndim}")
+    allowed = set("YXC" + _BATCH_AXES)
+    if set(text) - allowed or len(set(text)) != len(text) or "Y" not in text or "X" not in text:
+        raise BadImage(f"dimension_order '{order}' must name Y and X once each, plus C and B/T/Z axes")
+    return text
+
+
+def _guess_order(ndim: int, shape: Sequence[int] | None) -> str:
+    """Common layouts: YX, YXC / CYX / ZYX, BYXC / BCYX / ZCYX ..."""
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        if shape is None or shape[-1] <= 4:
+            return "YXC"
+        return "CYX" if shape[0] <= 4 else "ZYX"
+    if ndim == 4:
+        if shape is None or shape[-1] <= 4:
+            return "BYXC"
+        return "BCYX" if shape[1] <= 4 else "BZYX"
+    if ndim == 5:
+        return "BZYXC" if shape is None or shape[-1] <= 4 else "BZCYX"
+    raise BadImage(f"image has {ndim} dimensions; expected 2 to 5")
+
+
+def to_nhwc(array: np.ndarray, dimension_order: str = "") -> np.ndarray:
+    """Any supported layout -> (N, H, W, C), batch-like axes flattened into N."""
+    if array.ndim < 2 or array.ndim > 5:
+        raise BadImage(f"image has {array.ndim} dimension(s); expected 2 to 5 (e.g. YX, YXC, ZYX)")
+    order = _normalise_order(dimension_order, array.ndim) or _guess_order(array.ndim, array.shape)
+    if "C" not in order:
+        array, order = array[..., np.newaxis], order + "C"
+    batch = [i for i, a in enumerate(order) if a in _BATCH_AXES]
+    perm = batch + [order.index("Y"), order.index("X"), order.index("C")]
+    moved = np.transpose(array, perm)
+    h, w, c = moved.shape[-3:]
+    return moved.reshape((-1, h, w, c))
+
+
+def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -> np.ndarray:
+    """Pick the job's ``channels`` (e.g. '0,1' or ',2' with '' = blank) and match the model.
+
+    ``model_channels`` None means the model accepts any channel count.
+    """
+    text = (channels or "").strip()
+    if text:
+        picked = []
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                picked.append(np.zeros(image.shape[:-1], dtype=image.dtype))
+                continue
+            try:
+                idx = int(part)
+            except ValueError:
+                raise BadImage(f"channels '{channels}' must be comma-separated channel numbers") from None
+            if not 0 <= idx < image.shape[-1]:
+                raise ModelMismatch(
+                    f"channels '{channels}' asks for channel {idx} but the image has {image.shape[-1]}")
+            picked.append(image[..., idx])
+        image = np.stack(picked, axis=-1)
+    if model_channels is not None and model_channels > 0 and image.shape[-1] != model_channels:
+        raise ModelMismatch(
+            f"image has {image.shape[-1]} channel(s) but the model expects {model_channels};"
+            " set 'channels' to choose them")
+    return image
+
+
+def _short(err: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,63 @@
+"""Write results: label images as TIFF, bundled into one zip per job.
+
+Local names only need to be unique inside the job's own temp dir; the
+uploaded name is made unique by the storage backend (uuid prefix), so
+concurrent jobs with the same input name never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+__all__ = ["result_stem", "save_labels", "save_arrays", "zip_files"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def result_stem(input_file_name: str, fallback: str = "image") -> str:
+    """A safe base name for results from the input file's name (no extension)."""
+    base = os.path.basename(str(input_file_name).replace("\\", "/").rstrip("/"))
+    stem = os.path.splitext(base)[0]
+    stem = _UNSAFE.sub("_", stem).strip("._")
+    return stem[:120] or fallback
+
+
+def save_labels(labels: np.ndarray, out_dir: str, stem: str) -> list[str]:
+    """(N, H, W) or (H, W) int labels -> ``{stem}_labels.tif`` (one frame) or one per frame."""
+    import tifffile
+
+    arr = np.asarray(labels)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    paths = []
+    for i, frame in enumerate(arr):
+        suffix = "" if len(arr) == 1 else f"_{i:04d}"
+        path = os.path.join(out_dir, f"{stem}_labels{suffix}.tif")
+        tifffile.imwrite(path, np.ascontiguousarray(frame, dtype=np.int32), compression="zlib")
+        paths.append(path)
+    return paths
+
+
+def save_arrays(arrays: Mapping[str, np.ndarray], out_dir: str, stem: str) -> list[str]:
+    """Extra outputs (e.g. raw model maps) as ``{stem}_{name}.tif``."""
+    import tifffile
+
+    paths = []
+    for name, arr in arrays.items():
+        path = os.path.join(out_dir, f"{stem}_{_UNSAFE.sub('_', name)}.tif")
+        tifffile.imwrite(path, np.ascontiguousarray(arr), compression="zlib")
+        paths.append(path)
+    return paths
+
+
+def zip_files(paths: Iterable[str], zip_path: str) -> str:
+    """Zip files flat (by base name) into ``zip_path``; returns it."""
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in paths:
+            zf.write(path, arcname=os.path.basename(path))
+    return zip_path

@@ -1,0 +1,215 @@
+"""Cell tracking: link per-frame label images into tracks with a lineage.
+
+Frame to frame, cells are matched by overlap: the intersection-over-union of
+every (previous, next) pair feeds an optimal one-to-one assignment
+(``scipy.optimize.linear_sum_assignment``). Before the assignment, a previous
+cell whose area is now covered by two smaller cells that overlap nobody else
+as much is taken to have divided: it ends, and the two start as its
+daughters. Unmatched cells start new tracks. Pure numpy/scipy, no I/O.
+
+Lineage (Caliban/deepcell-tracking style), keyed by track id::
+
+    {id: {"label": id, "frames": [t, ...], "parent": id | None,
+          "daughters": [id, ...], "frame_div": t | None, "capped": bool}}
+
+``capped`` is True when the track ends inside the movie (it divided or was lost).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = [
+    "FrameOverlap",
+    "TrackingParams",
+    "TrackingResult",
+    "detect_divisions",
+    "frame_overlap",
+    "match_cells",
+    "lineage_json",
+    "track",
+]
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """Thresholds of the linker.
+
+    min_iou: a (prev, next) pair below this IoU is never linked.
+    daughter_overlap: share of a daughter's area that must lie on its parent.
+    division_iou: a cell whose best continuation reaches this IoU did not divide.
+    daughter_area: allowed (min, max) of the two daughters' summed area / parent area.
+    """
+
+    min_iou: float = 0.1
+    daughter_overlap: float = 0.1
+    division_iou: float = 0.5
+    daughter_area: tuple[float, float] = (0.3, 3.0)
+
+
+@dataclass(frozen=True)
+class FrameOverlap:
+    """Pixel overlap between the cells of two frames."""
+
+    prev_ids: np.ndarray  # (P,) label values of the previous frame
+    next_ids: np.ndarray  # (N,) label values of the next frame
+    inter: np.ndarray  # (P, N) intersecting pixels
+    prev_area: np.ndarray  # (P,)
+    next_area: np.ndarray  # (N,)
+
+    @property
+    def iou(self) -> np.ndarray:
+        union = self.prev_area[:, None] + self.next_area[None, :] - self.inter
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(union > 0, self.inter / np.maximum(union, 1), 0.0)
+
+
+@dataclass
+class TrackingResult:
+    labels: np.ndarray  # (T, H, W) int32, one id per cell over time
+    lineage: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def divisions(self) -> list[tuple[int, int, int]]:
+        """(parent, daughter, daughter) for every detected division."""
+        return [(cid, *info["daughters"]) for cid, info in sorted(self.lineage.items())
+                if len(info["daughters"]) == 2]
+
+
+def frame_overlap(prev: np.ndarray, nxt: np.ndarray) -> FrameOverlap:
+    """Intersections of every cell pair in one pass (bincount over joint labels)."""
+    if prev.shape != nxt.shape:
+        raise ValueError(f"frames differ in shape: {prev.shape} vs {nxt.shape}")
+    prev_ids, prev_inv = np.unique(prev, return_inverse=True)
+    next_ids, next_inv = np.unique(nxt, return_inverse=True)
+    prev_inv, next_inv = prev_inv.ravel(), next_inv.ravel()
+    joint = np.bincount(prev_inv * len(next_ids) + next_inv,
+                        minlength=len(prev_ids) * len(next_ids)).reshape(len(prev_ids), len(next_ids))
+    prev_area = joint.sum(axis=1)
+    next_area = joint.sum(axis=0)
+    keep_p, keep_n = prev_ids != 0, next_ids != 0
+    return FrameOverlap(
+        prev_ids=prev_ids[keep_p],
+        next_ids=next_ids[keep_n],
+        inter=joint[np.ix_(keep_p, keep_n)].astype(np.int64),
+        prev_area=prev_area[keep_p].astype(np.int64),
+        next_area=next_area[keep_n].astype(np.int64),
+    )
+
+
+def detect_divisions(ov: FrameOverlap,
+                     params: TrackingParams = TrackingParams()) -> dict[int, tuple[int, int]]:
+    """Row index of each dividing parent -> column indices of its two daughters.
+
+    A daughter must lie mostly on its parent (``daughter_overlap`` of its area,
+    and more than on any other previous cell); the parent must have no good
+    one-to-one continuation; the daughters' summed area must be plausible.
+    """
+    if ov.inter.size == 0:
+        return {}
+    iou = ov.iou
+    share = ov.inter / np.maximum(ov.next_area[None, :], 1)
+    owner = np.argmax(ov.inter, axis=0)  # previous cell each next cell overlaps most
+    result: dict[int, tuple[int, int]] = {}
+    for p in range(len(ov.prev_ids)):
+        cands = [n for n in np.flatnonzero(share[p] >= params.daughter_overlap) if owner[n] == p]
+        if len(cands) < 2:
+            continue
+        cands.sort(key=lambda n: -ov.inter[p, n])
+        a, b = cands[0], cands[1]
+        if iou[p].max() >= params.division_iou:
+            continue
+        ratio = (ov.next_area[a] + ov.next_area[b]) / max(ov.prev_area[p], 1)
+        if not params.daughter_area[0] <= ratio <= params.daughter_area[1]:
+            continue
+        result[p] = (int(a), int(b))
+    return result
+
+
+def match_cells(ov: FrameOverlap, params: TrackingParams = TrackingParams(),
+                skip_rows: set[int] | frozenset[int] = frozenset(),
+                skip_cols: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, int]]:
+    """Optimal one-to-one (row, col) links maximising total IoU, each at least ``min_iou``."""
+    rows = [r for r in range(len(ov.prev_ids)) if r not in skip_rows]
+    cols = [c for c in range(len(ov.next_ids)) if c not in skip_cols]
+    if not rows or not cols:
+        return []
+    iou = ov.iou[np.ix_(rows, cols)]
+    r_idx, c_idx = linear_sum_assignment(iou, maximize=True)
+    return [(rows[r], cols[c]) for r, c in zip(r_idx, c_idx, strict=True) if iou[r, c] >= params.min_iou]
+
+
+def _new_entry(cid: int, parent: int | None) -> dict[str, Any]:
+    return {"label": cid, "frames": [], "parent": parent, "daughters": [], "frame_div": None,
+            "capped": False}
+
+
+def track(labels: np.ndarray, params: TrackingParams = TrackingParams()) -> TrackingResult:
+    """Track a (T, H, W) stack of per-frame label images.
+
+    Returns the stack relabelled so that each cell keeps one id (1, 2, ... in
+    order of first appearance) over time, plus its lineage.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"expected a (frames, height, width) label stack, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"label stack must be integers, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError("label stack has negative labels")
+    frames = labels.shape[0]
+    out = np.zeros(labels.shape, dtype=np.int32)
+    lineage: dict[int, dict[str, Any]] = {}
+    next_id = 1
+
+    def start(parent: int | None) -> int:
+        nonlocal next_id
+        cid = next_id
+        next_id += 1
+        lineage[cid] = _new_entry(cid, parent)
+        return cid
+
+    # ids of the current frame's cells: frame label value -> track id
+    current: dict[int, int] = {}
+    for t in range(frames):
+        frame = labels[t]
+        assigned: dict[int, int] = {}
+        if t == 0:
+            for value in np.unique(frame):
+                if value:
+                    assigned[int(value)] = start(None)
+        else:
+            ov = frame_overlap(labels[t - 1], frame)
+            divisions = detect_divisions(ov, params)
+            for p, (a, b) in divisions.items():
+                parent = current[int(ov.prev_ids[p])]
+                daughters = [start(parent), start(parent)]
+                assigned[int(ov.next_ids[a])], assigned[int(ov.next_ids[b])] = daughters
+                lineage[parent]["daughters"] = daughters
+                lineage[parent]["frame_div"] = t
+            used_cols = {c for pair in divisions.values() for c in pair}
+            for r, c in match_cells(ov, params, set(divisions), used_cols):
+                assigned[int(ov.next_ids[c])] = current[int(ov.prev_ids[r])]
+            for value in ov.next_ids.tolist():
+                if int(value) not in assigned:
+                    assigned[int(value)] = start(None)
+        if assigned:
+            lut = np.zeros(int(frame.max()) + 1, dtype=np.int32)
+            for value, cid in assigned.items():
+                lut[value] = cid
+                lineage[cid]["frames"].append(t)
+            out[t] = lut[np.clip(frame, 0, None)]
+        current = assigned
+
+    for info in lineage.values():
+        info["capped"] = bool(info["daughters"]) or info["frames"][-1] < frames - 1
+    return TrackingResult(out, lineage)
+
+
+def lineage_json(lineage: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """JSON-ready lineage (string keys, as json.dump would write them anyway)."""
+    return {str(cid): dict(info) for cid, info in sorted(lineage.items())}

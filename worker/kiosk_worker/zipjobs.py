@@ -1,0 +1,344 @@
+"""Zip jobs: safe archive extraction and the parent/child bookkeeping of the zip consumer.
+
+Upstream extracted archives with no limits and trusted member names. Here an
+archive is checked twice: first from its central directory (member count,
+declared sizes, names, symlinks) before a byte is written, then while each
+member streams out, counting real bytes, because declared sizes can lie.
+Everything except ``extract_archive`` and ``pack_results`` is pure.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+import urllib.parse
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiosk_worker import protocol
+from kiosk_worker.errors import JobError
+
+__all__ = [
+    "CHILD_DROP_FIELDS",
+    "ChildTally",
+    "ZipLimits",
+    "ZipRejected",
+    "child_fields",
+    "child_key",
+    "child_queue_of",
+    "decode_failures",
+    "encode_failures",
+    "extract_archive",
+    "join_keys",
+    "member_target",
+    "pack_results",
+    "plan_members",
+    "progress_percent",
+    "result_folder",
+    "split_keys",
+    "tally_children",
+]
+
+KEY_SEPARATOR = ","
+_CHUNK = 1 << 16
+
+#: Parent fields a child must not inherit (they describe the parent's own progress or result).
+CHILD_DROP_FIELDS: frozenset[str] = frozenset(
+    {
+        "children",
+        "children:done",
+        "children:failed",
+        "progress",
+        "failures",
+        "total_jobs",
+        "identity_started",
+        "reason",
+        "output_url",
+        "output_file_name",
+        "finished_at",
+        "upload_time",
+        "download_time",
+        "total_time",
+        "updated_by",
+    }
+)
+
+
+class ZipRejected(JobError):
+    """The archive is unsafe or unusable; the message is the user-facing one-line reason."""
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """MAX_ZIP_MEMBERS and MAX_ZIP_BYTES (total uncompressed size of the extracted files)."""
+
+    max_members: int = 1000
+    max_bytes: int = 2 * 1024 * 1024 * 1024
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def child_queue_of(queue: str) -> str:
+    """Children go to the sibling queue: ``segmentation-zip`` -> ``segmentation``."""
+    if queue.endswith(protocol.ZIP_SUFFIX) and len(queue) > len(protocol.ZIP_SUFFIX):
+        return queue[: -len(protocol.ZIP_SUFFIX)]
+    return queue
+
+
+def child_key(child_queue: str, member_path: str, job_id: str | None = None) -> str:
+    """``{child_queue}:{member_path}:{uuid}``, as the Kiosk names children."""
+    return protocol.job_key(child_queue, member_path, job_id)
+
+
+def split_keys(text: str | None) -> list[str]:
+    """Comma-joined key list -> keys, dropping blanks (order kept, duplicates removed)."""
+    seen: dict[str, None] = {}
+    for part in (text or "").split(KEY_SEPARATOR):
+        part = part.strip()
+        if part:
+            seen.setdefault(part, None)
+    return list(seen)
+
+
+def join_keys(keys: Iterable[str]) -> str:
+    return KEY_SEPARATOR.join(k for k in keys if k)
+
+
+def encode_failures(failures: Mapping[str, str]) -> str:
+    """``failures`` as the Kiosk writes it: ``urllib.parse.urlencode({child_key: reason})``."""
+    return urllib.parse.urlencode(dict(failures))
+
+
+def decode_failures(text: str | None) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(text or "", keep_blank_values=True))
+
+
+def progress_percent(finished: int, total: int) -> int:
+    """0-100; an empty archive is complete."""
+    if total <= 0:
+        return 100
+    return min(100, max(0, round(100 * finished / total)))
+
+
+# --- member checks ----------------------------------------------------------------------------
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    mode = info.external_attr >> 16
+    return info.create_system == 3 and stat.S_ISLNK(mode)
+
+
+def member_target(name: str) -> str | None:
+    """Safe relative POSIX path for a member, None to skip it silently.
+
+    Skipped: directories, hidden files or folders (``.x``), macOS resource forks
+    (``__MACOSX/``). Rejected (ZipRejected): absolute paths, drive letters and
+    anything that climbs out with ``..``.
+    """
+    raw = name.replace("\\", "/")
+    if raw.endswith("/"):
+        return None
+    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+        raise ZipRejected(f"zip entry '{_short(name)}' has an absolute path")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ZipRejected(f"zip entry '{_short(name)}' points outside the archive directory")
+    if not parts:
+        return None
+    if parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
+        return None
+    if any(ord(c) < 32 for c in raw):
+        raise ZipRejected(f"zip entry '{_short(name)}' has control characters in its name")
+    return posixpath.join(*parts)
+
+
+def plan_members(infos: Iterable[zipfile.ZipInfo], limits: ZipLimits) -> list[tuple[zipfile.ZipInfo, str]]:
+    """Members to extract with their target paths, checked from the central directory alone."""
+    plan: list[tuple[zipfile.ZipInfo, str]] = []
+    seen: set[str] = set()
+    declared = 0
+    for info in infos:
+        if _is_symlink(info):
+            raise ZipRejected(f"zip entry '{_short(info.filename)}' is a symbolic link")
+        target = member_target(info.filename)
+        if target is None or info.is_dir():
+            continue
+        if target in seen:
+            raise ZipRejected(f"zip entry '{_short(target)}' appears more than once")
+        seen.add(target)
+        plan.append((info, target))
+        declared += info.file_size
+        if len(plan) > limits.max_members:
+            raise ZipRejected(f"zip archive has more than {limits.max_members} files (MAX_ZIP_MEMBERS)")
+        if declared > limits.max_bytes:
+            raise ZipRejected(
+                f"zip archive would expand to more than {_size(limits.max_bytes)} (MAX_ZIP_BYTES)"
+            )
+    if not plan:
+        raise ZipRejected("zip archive contains no files")
+    return plan
+
+
+def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str],
+                    limits: ZipLimits) -> list[str]:
+    """Extract the files of ``archive`` under ``dest``; returns their relative paths.
+
+    Streams each member and stops as soon as it writes more than it declared or
+    the total passes ``limits.max_bytes``, so a lying header cannot fill the disk.
+    """
+    dest_dir = Path(dest).resolve()
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise ZipRejected("input file is not a valid zip archive") from None
+    written: list[str] = []
+    total = 0
+    with zf:
+        for info, target in plan_members(zf.infolist(), limits):
+            out = (dest_dir / target).resolve()
+            if not out.is_relative_to(dest_dir):
+                raise ZipRejected(f"zip entry '{_short(info.filename)}' points outside the archive directory")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            size = 0
+            try:
+                with zf.open(info) as src, open(out, "wb") as dst:
+                    while chunk := src.read(_CHUNK):
+                        size += len(chunk)
+                        total += len(chunk)
+                        if size > info.file_size:
+                            raise ZipRejected(
+                                f"zip entry '{_short(target)}' is larger than its header says"
+                            )
+                        if total > limits.max_bytes:
+                            raise ZipRejected(
+                                f"zip archive would expand to more than {_size(limits.max_bytes)} "
+                                "(MAX_ZIP_BYTES)"
+                            )
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, zlib.error, EOFError):
+                raise ZipRejected(f"zip entry '{_short(target)}' is corrupt") from None
+            except NotImplementedError:
+                raise ZipRejected(f"zip entry '{_short(target)}' uses an unsupported compression") from None
+            except RuntimeError:  # encrypted member without a password
+                raise ZipRejected(f"zip entry '{_short(target)}' is encrypted") from None
+            written.append(target)
+    return written
+
+
+# --- children ---------------------------------------------------------------------------------
+
+
+def child_fields(parent: Mapping[str, str], input_file_name: str, member_path: str,
+                 worker: str, now: str | None = None) -> dict[str, str]:
+    """A child job hash: a copy of the parent with its own input file and status new."""
+    stamp = now or protocol.utc_now_iso()
+    fields = {k: v for k, v in parent.items() if k not in CHILD_DROP_FIELDS}
+    fields.update(
+        input_file_name=input_file_name,
+        original_name=member_path,
+        status=protocol.NEW,
+        identity_upload=worker,
+        created_at=stamp,
+        updated_at=stamp,
+    )
+    return fields
+
+
+@dataclass(frozen=True)
+class ChildTally:
+    """Where the children of one parent stand after a check."""
+
+    done: tuple[str, ...]
+    failed: tuple[str, ...]
+    remaining: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.failed) + len(self.remaining)
+
+    @property
+    def progress(self) -> int:
+        return progress_percent(len(self.done) + len(self.failed), self.total)
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining
+
+
+def tally_children(children: Iterable[str], done: Iterable[str], failed: Iterable[str],
+                   statuses: Mapping[str, str | None]) -> ChildTally:
+    """Fold freshly read child statuses into the parent's running lists.
+
+    ``statuses`` holds the current status of the children still open; a child
+    whose hash is gone (None) counts as failed, since its result is lost.
+    """
+    done_set, failed_set = set(done), set(failed)
+    new_done, new_failed, remaining = [], [], []
+    for key in children:
+        if key in done_set:
+            new_done.append(key)
+        elif key in failed_set:
+            new_failed.append(key)
+        else:
+            status = statuses.get(key, "")
+            if status == protocol.DONE:
+                new_done.append(key)
+            elif status == protocol.FAILED or status is None:
+                new_failed.append(key)
+            else:
+                remaining.append(key)
+    return ChildTally(tuple(new_done), tuple(new_failed), tuple(remaining))
+
+
+def result_folder(member_path: str) -> str:
+    """Folder of one child's results inside the combined zip: the member path without extension."""
+    stem, _ = posixpath.splitext(member_path)
+    return stem or member_path
+
+
+def pack_results(results: Iterable[tuple[str, str | os.PathLike[str]]],
+                 archive: str | os.PathLike[str]) -> int:
+    """Write one zip from ``(member_path, local result file)`` pairs; returns the entry count.
+
+    A child's result zip is unpacked into ``{member stem}/``; any other file lands
+    there as is, so two children never collide.
+    """
+    count = 0
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as out:
+        for member_path, local in results:
+            folder = result_folder(member_path)
+            if zipfile.is_zipfile(local):
+                with zipfile.ZipFile(local) as inner:
+                    for info in inner.infolist():
+                        try:
+                            target = member_target(info.filename)
+                        except ZipRejected:
+                            target = None
+                        if target is None:
+                            continue
+                        out.writestr(posixpath.join(folder, target), inner.read(info))
+                        count += 1
+            else:
+                out.write(local, arcname=posixpath.join(folder, os.path.basename(str(local))))
+                count += 1
+    return count
+
+
+def _short(name: str, limit: int = 80) -> str:
+    name = "".join(c if c.isprintable() else "?" for c in name)
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
+def _size(n: int) -> str:
+    """Human size for messages: 2 GiB, 512 MiB, 100 bytes."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(n)} bytes" if unit == "bytes" else f"{value:.3g} {unit}"
+        value /= 1024
+    return f"{n} bytes"
