@@ -36,7 +36,9 @@ KIOSK_POLL_SECONDS = 5.0
 KEDA_POLL_SECONDS = 30.0
 
 
-def _row(name: str, baseline: float, ours: float, unit: str, note: str, higher_is_better: bool = False) -> dict:
+def _row(
+    name: str, baseline: float, ours: float, unit: str, note: str, higher_is_better: bool = False
+) -> dict:
     ratio = (ours / baseline if higher_is_better else baseline / ours) if ours and baseline else None
     return {"name": name, "baseline": baseline, "ours": ours, "unit": unit, "ratio": ratio, "note": note}
 
@@ -93,8 +95,15 @@ def bench_depth(repeats: int = 5) -> list[dict]:
 
         base = timed(lambda: scan_tally(client, queue))
         ours = timed(lambda: protocol.measure_depth(client, [queue], with_info=True))
-        return [_row("depth per pool, 1M unrelated keys", base, ours, "ms",
-                     f"SCAN tally vs worker registry; {keys:,} keys, 50 items, 10 workers; median of {repeats}")]
+        return [
+            _row(
+                "depth per pool, 1M unrelated keys",
+                base,
+                ours,
+                "ms",
+                f"SCAN tally vs worker registry; {keys:,} keys, 50 items, 10 workers; median of {repeats}",
+            )
+        ]
     finally:
         server.cleanup()
 
@@ -112,9 +121,23 @@ def _operator(cluster: Any, ns: str, workdir: Path) -> tuple[subprocess.Popen, i
     health = free_port()
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     log = open(workdir / f"operator-{ns}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "kiosk_operator", "--namespace", ns, "--metrics-port", "0",
-                             "--liveness", f"http://127.0.0.1:{health}/healthz"], stdout=log,
-                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kiosk_operator",
+            "--namespace",
+            ns,
+            "--metrics-port",
+            "0",
+            "--liveness",
+            f"http://127.0.0.1:{health}/healthz",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -127,11 +150,22 @@ def _operator(cluster: Any, ns: str, workdir: Path) -> tuple[subprocess.Popen, i
 
 
 def _pool(name: str, redis_port: int, queue: str, poll: float) -> dict:
-    return {"apiVersion": "kiosk.deepcell.org/v1alpha1", "kind": "ConsumerPool", "metadata": {"name": name},
-            "spec": {"queues": [queue], "worker": {"image": "example.invalid/kiosk-worker:bench"},
-                     "redis": {"host": "127.0.0.1", "port": redis_port},
-                     "scaling": {"maxWorkers": 4, "itemsPerWorker": 1, "pollingIntervalSeconds": poll,
-                                 "cooldownSeconds": 0}}}
+    return {
+        "apiVersion": "kiosk.deepcell.org/v1alpha1",
+        "kind": "ConsumerPool",
+        "metadata": {"name": name},
+        "spec": {
+            "queues": [queue],
+            "worker": {"image": "example.invalid/kiosk-worker:bench"},
+            "redis": {"host": "127.0.0.1", "port": redis_port},
+            "scaling": {
+                "maxWorkers": 4,
+                "itemsPerWorker": 1,
+                "pollingIntervalSeconds": poll,
+                "cooldownSeconds": 0,
+            },
+        },
+    }
 
 
 def _replicas(cluster: Any, ns: str, name: str) -> int | None:
@@ -181,9 +215,16 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
             client.delete("react")
             _wait(lambda: _replicas(cluster, ns, "react") == 0, 30)
         ours = statistics.median(samples)
-        rows.append(_row("queue items -> replicas patched", KIOSK_POLL_SECONDS, ours, "s",
-                         f"median of {trials}, pollingInterval {poll}s; baseline = Kiosk autoscaler poll 5 s "
-                         f"(KEDA default 30 s: ratio {KEDA_POLL_SECONDS / ours:.0f}x); max {max(samples):.2f}s"))
+        rows.append(
+            _row(
+                "queue items -> replicas patched",
+                KIOSK_POLL_SECONDS,
+                ours,
+                "s",
+                f"median of {trials}, pollingInterval {poll}s; baseline = Kiosk autoscaler poll 5 s "
+                f"(KEDA default 30 s: ratio {KEDA_POLL_SECONDS / ours:.0f}x); max {max(samples):.2f}s",
+            )
+        )
         # Many pools on many nodes.
         if pools:
             cluster.create_nodes(nodes - 3, wait=True)
@@ -192,7 +233,9 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
             proc, _ = _operator(cluster, ns, Path(cluster.workdir))
             procs.append(proc)
             for i in range(pools):
-                cluster.request("POST", pools_path.format(ns=ns), _pool(f"p{i}", redis_server.port, f"q{i}", 1.0))
+                cluster.request(
+                    "POST", pools_path.format(ns=ns), _pool(f"p{i}", redis_server.port, f"q{i}", 1.0)
+                )
             _wait(lambda: all(_replicas(cluster, ns, f"p{i}") == 0 for i in range(pools)), 300, step=1.0)
             rss_idle = _rss_mb(proc.pid)
             t0 = time.perf_counter()
@@ -210,11 +253,26 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
             _wait(all_scaled, 300, step=0.05)
             cycle = time.perf_counter() - t0
             rss = _rss_mb(proc.pid)
-            rows.append(_row(f"{pools} pools, {nodes} nodes: all scaled", KIOSK_POLL_SECONDS, cycle, "s",
-                             "items in every queue -> every Deployment patched; pollingInterval 1 s; "
-                             "baseline = Kiosk poll interval"))
-            rows.append({"name": f"operator RSS, {pools} pools", "baseline": None, "ours": rss, "unit": "MB",
-                         "ratio": None, "note": f"idle {rss_idle:.0f} MB before the burst"})
+            rows.append(
+                _row(
+                    f"{pools} pools, {nodes} nodes: all scaled",
+                    KIOSK_POLL_SECONDS,
+                    cycle,
+                    "s",
+                    "items in every queue -> every Deployment patched; pollingInterval 1 s; "
+                    "baseline = Kiosk poll interval",
+                )
+            )
+            rows.append(
+                {
+                    "name": f"operator RSS, {pools} pools",
+                    "baseline": None,
+                    "ours": rss,
+                    "unit": "MB",
+                    "ratio": None,
+                    "note": f"idle {rss_idle:.0f} MB before the burst",
+                }
+            )
     finally:
         for proc in procs:
             proc.terminate()

@@ -96,7 +96,8 @@ def worker_env(spec: PoolSpec, base: Path, environ: Mapping[str, str] | None = N
             env[name] = environ[name]
         else:
             raise LocalError(
-                f"{name} comes from a Kubernetes reference in the pool; in local mode set it in the environment"
+                f"{name} comes from a Kubernetes reference in the pool; "
+                "in local mode set it in the environment"
             )
     if "STORAGE_BUCKET" in env:
         env["STORAGE_BUCKET"] = local_bucket(env["STORAGE_BUCKET"], base)
@@ -267,7 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point used by ``kiosk-operator --local``; returns the exit code."""
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except LocalError as err:
@@ -330,7 +332,8 @@ def _run(args: argparse.Namespace) -> int:
                 say(line)
                 last_line = line
             seen_work = seen_work or tick.pending + tick.in_flight > 0
-            if args.exit_when_idle and seen_work and tick.pending + tick.in_flight == 0 and not backend.workers:
+            idle = tick.pending + tick.in_flight == 0 and not backend.workers
+            if args.exit_when_idle and seen_work and idle:
                 say("queues empty and all workers stopped")
                 break
             stop.wait(interval)

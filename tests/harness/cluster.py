@@ -9,7 +9,9 @@ kwok plays kubelet for fake nodes (annotation ``kwok.x-k8s.io/node=fake``):
 pods become Running/Ready, pods owned by a Job become Succeeded after
 ``job_pod_duration`` seconds (per pod override: annotation
 ``pod-complete.stage.kwok.x-k8s.io/delay: "5s"``; annotation
-``kiosk-operator.test/pod-fail: "true"`` makes a Job pod fail with exit code 1),
+``kiosk-operator.test/pod-fail: "true"`` makes a Job pod fail with exit code 1;
+pods labelled ``kiosk.deepcell.org/kubelet`` are never completed by kwok: the
+harness's KubeletPlayer runs them as local processes and reports their outcome),
 and deleted pods are removed (finalizers are left to their owners, as with a real
 kubelet). The controller-manager runs all controllers, so Deployments get
 ReplicaSets and pods, Jobs complete, and deleting an owner garbage-collects its
@@ -63,6 +65,9 @@ ALL_BINARIES = CLUSTER_BINARIES + ("helm",)
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 POD_FAIL_ANNOTATION = "kiosk-operator.test/pod-fail"
 POD_COMPLETE_DELAY_ANNOTATION = "pod-complete.stage.kwok.x-k8s.io/delay"
+# Pods with this label are "run" by tests/harness/kubelet.py (KubeletPlayer), which reports
+# their outcome itself; kwok still makes them Running but never completes or fails them.
+HARNESS_KUBELET_LABEL = "kiosk.deepcell.org/kubelet"
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 
@@ -405,6 +410,8 @@ spec:
       values: ['Job']
     - key: '.metadata.annotations["@POD_FAIL_ANNOTATION@"]'
       operator: 'DoesNotExist'
+    - key: '.metadata.labels["@HARNESS_KUBELET_LABEL@"]'
+      operator: 'DoesNotExist'
   delay:
     durationMilliseconds: @JOB_POD_MS@
     durationFrom:
@@ -459,6 +466,8 @@ spec:
     - key: '.metadata.annotations["@POD_FAIL_ANNOTATION@"]'
       operator: 'In'
       values: ['true']
+    - key: '.metadata.labels["@HARNESS_KUBELET_LABEL@"]'
+      operator: 'DoesNotExist'
   delay:
     durationMilliseconds: @JOB_POD_MS@
     durationFrom:
@@ -517,6 +526,7 @@ def kwok_config(job_pod_duration: float, pod_delete_delay: float = 0.0) -> str:
         "@POD_DELETE_MS@": str(int(pod_delete_delay * 1000)),
         "@POD_FAIL_ANNOTATION@": POD_FAIL_ANNOTATION,
         "@POD_COMPLETE_DELAY_ANNOTATION@": POD_COMPLETE_DELAY_ANNOTATION,
+        "@HARNESS_KUBELET_LABEL@": HARNESS_KUBELET_LABEL,
     }.items():
         text = text.replace(key, value)
     return text.lstrip()
@@ -707,6 +717,7 @@ class LocalCluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--leader-elect=false",
             "--profiling=false",
+            "--kube-api-qps=200", "--kube-api-burst=400",  # default 20/30 throttles startup
         ])
         sched = self._spawn("kube-scheduler", [
             str(bins["kube-scheduler"]),
@@ -714,6 +725,7 @@ class LocalCluster:
             "--bind-address=127.0.0.1", f"--secure-port={sched_port}",
             "--leader-elect=false",
             "--profiling=false",
+            "--kube-api-qps=200", "--kube-api-burst=400",
         ])
         kwok = self._spawn("kwok", [
             str(bins["kwok"]),
@@ -745,16 +757,17 @@ class LocalCluster:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _stop_processes(self) -> None:
+        # One at a time, clients first: kube-apiserver stops slowly (~10s) if etcd
+        # goes away under it, and quickly (~1s) otherwise.
         for p in reversed(self.procs):
             if p.alive():
                 try:
                     os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + 15
-        for p in reversed(self.procs):
+            deadline = time.monotonic() + 10
             while p.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.02)
             if p.alive():
                 try:
                     os.kill(p.pid, signal.SIGKILL)

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
+from operator_helpers import CRD_FILE, Api, OperatorProcess, pool_manifest
+
 from harness.cluster import ApiError, LocalCluster
 from harness.wait import wait_for
-from operator_helpers import CRD_FILE, Api, OperatorProcess, pool_manifest
 
 
 @pytest.fixture(scope="session")

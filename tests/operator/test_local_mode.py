@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from harness.local_pool import (
     LocalOperator,
     all_finished,
@@ -125,3 +126,17 @@ def test_relative_file_bucket_is_resolved(tmp_path: Path):
     assert local.local_bucket("file://data/b", tmp_path) == f"file://{tmp_path}/data/b"
     assert local.local_bucket("file:///abs/b", tmp_path) == "file:///abs/b"
     assert local.local_bucket("s3://b", tmp_path) == "s3://b"
+
+
+def test_demo_runs_end_to_end(tmp_path: Path, redis_server, redis_client, monkeypatch, capfd):
+    """`make demo`'s Python part: images → jobs → local mode (starting its own model server) → results."""
+    from harness.ports import free_port
+    from kiosk_operator import demo
+
+    monkeypatch.chdir(tmp_path)
+    pool = write_pool(tmp_path / "pool.yaml", "demo", redis_server.port, free_port(),
+                      Path("demo-bucket"), maxWorkers=2, cooldownSeconds=0.5)
+    assert demo.main(["-f", str(pool), "--images", "4", "--model-latency-ms", "0"]) == 0
+    out = capfd.readouterr().out
+    assert "4/4 jobs done" in out and "started kiosk-model-server" in out
+    assert len(list((tmp_path / "demo-bucket").glob("*.zip"))) == 4

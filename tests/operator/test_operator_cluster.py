@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from operator_helpers import pool_manifest
+
 from harness.wait import wait_for
 from kiosk_operator import manifests
 from kiosk_worker import protocol
 from kiosk_worker.protocol import JobStore
-from operator_helpers import pool_manifest
 
 pytestmark = pytest.mark.cluster
 T = 60

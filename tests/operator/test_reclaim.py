@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+
 from kiosk_operator import reclaim
 from kiosk_worker import protocol
 from kiosk_worker.protocol import JobStore, WorkerState

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from harness.local_pool import QUEUE, tiny_input
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer

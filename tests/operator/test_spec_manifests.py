@@ -32,12 +32,22 @@ def full_spec() -> dict:
             "terminationGracePeriodSeconds": 60,
             "graceSeconds": 45,
         },
-        "redis": {"host": "redis", "port": 6380, "passwordSecretRef": {"name": "r", "key": "pw"}, "tls": True,
-                  "sentinel": {"hosts": ["s1:26379", "s2:26379"], "master": "main"}},
+        "redis": {
+            "host": "redis",
+            "port": 6380,
+            "passwordSecretRef": {"name": "r", "key": "pw"},
+            "tls": True,
+            "sentinel": {"hosts": ["s1:26379", "s2:26379"], "master": "main"},
+        },
         "modelServer": {"host": "tfs", "port": 8600, "deployment": {"name": "tfs", "replicas": 2}},
         "storage": {"bucket": "gs://bucket", "credentialsSecretRef": {"name": "gcs"}, "public": True},
-        "scaling": {"mode": "Job", "minWorkers": 0, "maxWorkers": 20, "batchSize": 25,
-                    "job": {"backoffLimit": 2, "ttlSecondsAfterFinished": 60, "activeDeadlineSeconds": 600}},
+        "scaling": {
+            "mode": "Job",
+            "minWorkers": 0,
+            "maxWorkers": 20,
+            "batchSize": 25,
+            "job": {"backoffLimit": 2, "ttlSecondsAfterFinished": 60, "activeDeadlineSeconds": 600},
+        },
     }
 
 
@@ -67,8 +77,12 @@ def test_every_crd_field_has_a_description():
     def walk(node, path):
         if not isinstance(node, dict):
             return
-        if path and path.split(".")[-1] not in ("metadata",) and "description" not in node \
-                and not path.endswith("[additionalProperties]"):
+        if (
+            path
+            and path.split(".")[-1] not in ("metadata",)
+            and "description" not in node
+            and not path.endswith("[additionalProperties]")
+        ):
             missing.append(path)
         for key, child in (node.get("properties") or {}).items():
             walk(child, f"{path}.{key}")
@@ -231,7 +245,9 @@ def test_rbac_rules_cover_what_the_operator_calls():
     rules = rbac.rules()
 
     def allowed(group, resource, verb):
-        return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+        return any(
+            group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules
+        )
 
     for group, resource, verbs in [
         ("kiosk.deepcell.org", "consumerpools", ["get", "list", "watch", "patch"]),

@@ -18,11 +18,12 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+from scipy.optimize import linear_sum_assignment
+
 from kiosk_model_server import ModelServer
 from kiosk_worker import protocol
 from kiosk_worker.runner import Runner
 from kiosk_worker.settings import Settings, load_settings
-from scipy.optimize import linear_sum_assignment
 
 WORKER_BIN = Path(sys.executable).with_name("kiosk-worker")
 

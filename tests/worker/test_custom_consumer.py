@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+
 from harness.redis_server import RedisServer
 from kiosk_model_server.synthetic import make_cells
 from kiosk_worker import protocol

@@ -178,6 +178,7 @@ def test_s3_presigned_url_fetchable_over_http(s3_server: MotoS3Server, s3_bucket
     assert url.startswith(s3_server.endpoint)
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.read() == PAYLOAD
+        assert resp.headers["Content-Type"] == "image/tiff"
 
 
 def test_s3_public_url_is_unsigned_and_object_not_made_public(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+
 from harness.redis_server import RedisServer
 from kiosk_model_server.server import ModelServer
 from kiosk_model_server.synthetic import make_timelapse
@@ -139,3 +140,17 @@ def test_movie_order() -> None:
     assert movie_order(3, (64, 64, 5), "yxt") == "YXT"
     with pytest.raises(BadImage):
         movie_order(5, (1, 2, 3, 4, 5))
+
+
+def test_tracking_through_a_fixed_size_model_tiles_every_frame(
+        redis_server: RedisServer, redis_client: redis.Redis, tiled_model_server: ModelServer,
+        bucket: Path) -> None:
+    """A 64x64-input model: each 96x96 frame is tiled and stitched, batches of 4 tiles."""
+    stack, truth, truth_lineage = make_timelapse(frames=6, shape=(96, 96), n_cells=8, seed=5)
+    key = submit_movie(redis_client, bucket, "tiled.tif", stack)
+    run_worker(redis_server, tiled_model_server, bucket, TF_MAX_BATCH_SIZE="4")
+    job = redis_client.hgetall(key)
+    assert job["status"] == "done", job.get("reason")
+    labels, lineage = read_result(job)
+    s = score(labels, lineage, truth, truth_lineage)
+    assert s["truth_consistent"] >= 0.95 and s["ids_pure"] >= 0.95, s

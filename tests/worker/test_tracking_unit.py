@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from kiosk_model_server.synthetic import make_timelapse
 from kiosk_worker import tracking
 from kiosk_worker.tracking import TrackingParams, frame_overlap, track
@@ -59,6 +60,9 @@ def test_frame_overlap_counts_pixels() -> None:
     assert ov.iou[1, 0] == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
         frame_overlap(a, b[:2])
+    # huge label values take the sorting path and give the same answer
+    big = frame_overlap(a * 10**9, b)
+    assert big.prev_ids.tolist() == [10**9, 2 * 10**9] and big.inter.tolist() == ov.inter.tolist()
 
 
 def test_moving_cells_keep_their_ids_even_when_labels_are_shuffled() -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+
 from harness.redis_server import RedisServer
 from harness.wait import wait_for
 from kiosk_model_server.server import ModelServer

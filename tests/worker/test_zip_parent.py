@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import redis
+
 from kiosk_worker import protocol, zipjobs
 from kiosk_worker.consumers.zipfile import LOST_REASON, ZipConsumer
 from kiosk_worker.settings import load_settings

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from kiosk_worker import protocol, zipjobs
 from kiosk_worker.errors import JobError, reason_for
 from kiosk_worker.zipjobs import ZipLimits, ZipRejected
@@ -218,6 +219,12 @@ def test_not_a_zip_and_empty_zip(tmp_path: Path) -> None:
 def test_duplicate_member_rejected(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "dup.zip", {"a.tif": b"1", "./a.tif": b"2"})
     with pytest.raises(ZipRejected, match="more than once"):
+        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+
+
+def test_file_and_folder_with_one_name_rejected(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "clash.zip", {"a": b"file", "a/b/c.tif": b"x"})
+    with pytest.raises(ZipRejected, match="both a file and a folder"):
         zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
 
 

@@ -76,6 +76,5 @@ def reason_for(err: BaseException) -> str:
         return one_line(f"input file not found: {err.filename or err}")
     if isinstance(err, MemoryError):
         return "out of memory while processing the image"
-    text = one_line(err)
     kind = type(err).__name__
-    return f"internal error ({kind}): {text}" if text else f"internal error ({kind})"
+    return one_line(f"internal error ({kind}): {err}" if str(err).strip() else f"internal error ({kind})")

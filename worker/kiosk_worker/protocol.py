@@ -252,6 +252,10 @@ class JobStore:
         data["updated_by"] = self.worker
         return data
 
+    def stamp(self, fields: Mapping[str, Any]) -> dict[str, str]:
+        """Fields as every consumer write sends them, for callers batching writes in a transaction."""
+        return self._stamp(fields)
+
     # -- registry --
 
     def heartbeat(self, queues: Iterable[str], ttl: float, info: Mapping[str, Any] | None = None) -> None:

@@ -181,6 +181,15 @@ def plan_members(infos: Iterable[zipfile.ZipInfo], limits: ZipLimits) -> list[tu
             )
     if not plan:
         raise ZipRejected("zip archive contains no files")
+    folders: set[str] = set()
+    for _, target in plan:
+        parent = posixpath.dirname(target)
+        while parent and parent not in folders:
+            folders.add(parent)
+            parent = posixpath.dirname(parent)
+    for _, target in plan:
+        if target in folders:
+            raise ZipRejected(f"zip entry '{_short(target)}' is both a file and a folder")
     return plan
 
 

@@ -19,8 +19,9 @@ Register it under the entry-point group ``kiosk_worker.consumers`` (see
 ``consumers/__init__.py``). What the base class does around ``_consume``:
 
 * ``consume(key, queue)`` skips vanished or already finished hashes, writes
-  ``status=started`` + ``identity_started``, and calls ``_consume`` with a
-  fresh per-job temp dir in ``self.tempdir``.
+  ``status=started`` + ``identity_started`` (one round trip that also reads
+  the hash into ``self.job``), and calls ``_consume`` with a fresh per-job
+  temp dir in ``self.tempdir``.
 * Returning ``final_status`` ends the job: ``finish_fields`` (plus
   ``finished_at`` and ``total_time`` unless set) are written and the item
   leaves the processing list in one transaction.
@@ -57,6 +58,16 @@ from kiosk_worker.settings import Settings
 
 __all__ = ["Consumer", "TensorFlowServingConsumer"]
 
+# Skip vanished or finished jobs, else mark started and return the hash: one round trip.
+_START_SCRIPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0} end
+if status == ARGV[3] or status == ARGV[4] then return {1, status} end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'identity_started', ARGV[1],
+           'updated_at', ARGV[5], 'updated_by', ARGV[1])
+return {2, redis.call('HGETALL', KEYS[1])}
+"""
+
 
 class Consumer:
     """Consumes job keys of one or more queues; subclasses implement ``_consume``.
@@ -90,7 +101,9 @@ class Consumer:
         self.failed_status = failed_status
         self.logger = logging.getLogger(f"kiosk_worker.consumers.{type(self).__name__}")
         self._tf_client = tf_client
+        self._start = redis_client.register_script(_START_SCRIPT)
         # Per-job state, reset by consume().
+        self.job: dict[str, str] = {}
         self.finish_fields: dict[str, Any] = {}
         self.tempdir = ""
         self.current_key = ""
@@ -151,13 +164,11 @@ class Consumer:
         self.current_key = redis_hash
         start = time.perf_counter()
         try:
-            status = self.redis.hget(redis_hash, "status")
-            if status is None or protocol._text(status) in protocol.FINISHED_STATUSES:
-                self.logger.warning("skipping %s: %s", redis_hash,
-                                    "no such job hash" if status is None else f"already {status}")
+            job = self._start_job(redis_hash)
+            if job is None:
                 self.store.release(queue, redis_hash)
                 return None
-            self.update_key(redis_hash, {"status": protocol.STARTED, "identity_started": self.name})
+            self.job = job
             tempdir = tempfile.mkdtemp(prefix="kiosk-job-")
             self.tempdir = tempdir
             try:
@@ -191,6 +202,19 @@ class Consumer:
         self.logger.info("job %s: %s in %.3fs", redis_hash, status, time.perf_counter() - start)
         return status
 
+    def _start_job(self, redis_hash: str) -> dict[str, str] | None:
+        """Mark the job started (+identity_started) and return its fields; None to skip it."""
+        if self._cancelled.is_set():
+            raise Cancelled(redis_hash)
+        reply = self._start(keys=[redis_hash], args=[
+            self.name, protocol.STARTED, protocol.DONE, protocol.FAILED, protocol.utc_now_iso()])
+        if int(reply[0]) == 2:
+            flat = [protocol._text(v) for v in reply[1]]
+            return dict(zip(flat[0::2], flat[1::2], strict=True))
+        why = "no such job hash" if int(reply[0]) == 0 else f"already {protocol._text(reply[1])}"
+        self.logger.warning("skipping %s: %s", redis_hash, why)
+        return None
+
     def _finish(self, queue: str, key: str, fields: Mapping[str, Any]) -> None:
         if self._cancelled.is_set():
             raise Cancelled(key)
@@ -206,6 +230,10 @@ def _fmt(value: Any) -> str:
 
 class TensorFlowServingConsumer(Consumer):
     """A consumer that talks to TF Serving: ``grpc_image`` and cached model metadata."""
+
+    def __init__(self, redis_client: redis.Redis, storage: Any, queue: str, **kwargs: Any) -> None:
+        super().__init__(redis_client, storage, queue, **kwargs)
+        self._metadata_memo: dict[str, tuple[float, dict[str, dict[str, Any]]]] = {}
 
     @property
     def tf_client(self) -> Any:
@@ -245,20 +273,29 @@ class TensorFlowServingConsumer(Consumer):
             raise JobError("the job names no model (model_name is empty)")
         cache_key = f"{model_name}:{model_version}"
         ttl = self.settings.metadata_expire_time
-        if ttl > 0:
-            cached = self.redis.hget(cache_key, "metadata")
-            if cached:
-                try:
-                    return from_kiosk_cache(json.loads(cached))
-                except (ValueError, AttributeError, TypeError):
-                    self.logger.warning("ignoring unreadable metadata cache %s", cache_key)
-        meta = self.tf_client.get_model_metadata(model_name, self.parse_model_version(model_version))
-        if ttl > 0:
+        if ttl <= 0:
+            meta = self.tf_client.get_model_metadata(model_name, self.parse_model_version(model_version))
+            return {k: dict(v) for k, v in meta["inputs"].items()}
+        # A process-local copy saves a round trip per job; it lives no longer than Redis's.
+        memo = self._metadata_memo.get(cache_key)
+        if memo is not None and memo[0] > time.monotonic():
+            return {k: dict(v) for k, v in memo[1].items()}
+        inputs = None
+        cached = self.redis.hget(cache_key, "metadata")
+        if cached:
+            try:
+                inputs = from_kiosk_cache(json.loads(cached))
+            except (ValueError, AttributeError, TypeError):
+                self.logger.warning("ignoring unreadable metadata cache %s", cache_key)
+        if inputs is None:
+            meta = self.tf_client.get_model_metadata(model_name, self.parse_model_version(model_version))
+            inputs = {k: dict(v) for k, v in meta["inputs"].items()}
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(cache_key, "metadata", json.dumps(to_kiosk_cache(meta)))
             pipe.expire(cache_key, ttl)
             pipe.execute()
-        return {k: dict(v) for k, v in meta["inputs"].items()}
+        self._metadata_memo[cache_key] = (time.monotonic() + ttl, inputs)
+        return {k: dict(v) for k, v in inputs.items()}
 
     def input_alias(self, inputs: Mapping[str, Any]) -> str:
         """TF_TENSOR_NAME if the model has it, else the model's only input."""

@@ -34,7 +34,7 @@ class SegmentationConsumer(TensorFlowServingConsumer):
     tile_overlap = 0.25
 
     def _consume(self, redis_hash: str) -> str:
-        job = self.store.get(redis_hash)
+        job = self.job
         model_name, model_version = job.get("model_name", ""), job.get("model_version", "")
         input_name = job.get("input_file_name", "")
         if not input_name:

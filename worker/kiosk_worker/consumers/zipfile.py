@@ -27,7 +27,7 @@ import uuid
 
 from kiosk_worker import protocol, results, zipjobs
 from kiosk_worker.consumers.base import Consumer
-from kiosk_worker.errors import JobError, one_line, reason_for
+from kiosk_worker.errors import Cancelled, JobError, one_line, reason_for
 
 __all__ = ["ZipConsumer"]
 
@@ -83,10 +83,10 @@ class ZipConsumer(Consumer):
                 key = zipjobs.child_key(child_queue, member, uuid.uuid4().hex)
                 children.append((key, zipjobs.child_fields(job, dest, member, self.name)))
 
-        if self.cancelled:
-            raise JobError("cancelled before the children were queued")
+        if self.cancelled:  # given back meanwhile: queue nothing, the next owner starts over
+            raise Cancelled(redis_hash)
         # Children and the parent's list of them appear together or not at all.
-        parent = self.store._stamp({  # noqa: SLF001 - same stamping as every consumer write
+        parent = self.store.stamp({
             "children": zipjobs.join_keys(k for k, _ in children),
             "children:done": "",
             "children:failed": "",

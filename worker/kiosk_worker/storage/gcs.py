@@ -75,6 +75,14 @@ def make_client(endpoint: str = "") -> storage.Client:
                           client_options=options)
 
 
+def _quiet(client: storage.Client) -> storage.Client:
+    """Turn off google-cloud-storage 3.x's bucket-metadata prefetch: for tracing it issues a
+    background GET of the bucket with its own retries, traffic outside our retry bounds."""
+    if getattr(client, "_bucket_metadata_cache", None) is not None:
+        client._bucket_metadata_cache = None
+    return client
+
+
 class GCSStorage(Storage):
     """Objects in a GCS bucket, optionally under a key prefix."""
 
@@ -82,7 +90,7 @@ class GCSStorage(Storage):
                  **kwargs: object) -> None:
         super().__init__(location, **kwargs)  # type: ignore[arg-type]
         self.endpoint = endpoint
-        self._client = client
+        self._client = _quiet(client) if client is not None else None
         self._client_lock = threading.Lock()
         self._warned_unsigned = False
 
@@ -92,12 +100,7 @@ class GCSStorage(Storage):
         if self._client is None:
             with self._client_lock:
                 if self._client is None:
-                    client = make_client(self.endpoint)
-                    # google-cloud-storage 3.x prefetches bucket metadata for tracing in a background
-                    # thread with its own retries: traffic outside our retry bounds. Switch it off.
-                    if getattr(client, "_bucket_metadata_cache", None) is not None:
-                        client._bucket_metadata_cache = None
-                    self._client = client
+                    self._client = _quiet(make_client(self.endpoint))
         return self._client
 
     @property
@@ -163,10 +166,10 @@ class GCSStorage(Storage):
             try:
                 return str(blob.generate_signed_url(version="v4", expiration=expiration, method="GET"))
             except (AttributeError, TypeError, ValueError, gauth.TransportError):
-                email = getattr(credentials, "service_account_email", None)
-                if email:  # no private key: sign through the IAM API with an access token
+                if getattr(credentials, "service_account_email", None):
+                    # No private key (GKE workload identity, GCE): sign through the IAM API.
                     try:
-                        return self._sign_with_iam(blob, expiration, email)
+                        return self._sign_with_iam(blob, expiration)
                     except Exception as exc:  # noqa: BLE001 - any failure means "cannot sign"
                         log.debug("IAM signing failed: %s", exc)
         if not self._warned_unsigned:
@@ -175,11 +178,13 @@ class GCSStorage(Storage):
                         self.url)
         return self.media_url(key)
 
-    def _sign_with_iam(self, blob: storage.Blob, expiration: datetime.timedelta, email: str) -> str:
+    def _sign_with_iam(self, blob: storage.Blob, expiration: datetime.timedelta) -> str:
         import google.auth.transport.requests as greq
 
         credentials = self.client._credentials
         if not credentials.valid:
             credentials.refresh(greq.Request())
+        # Read after refresh: GCE credentials only learn their real e-mail ("default" before).
+        email = credentials.service_account_email
         return str(blob.generate_signed_url(version="v4", expiration=expiration, method="GET",
                                             service_account_email=email, access_token=credentials.token))

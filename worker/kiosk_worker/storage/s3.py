@@ -10,6 +10,7 @@ public-read ACL.
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import shutil
 import threading
@@ -25,6 +26,14 @@ _TRANSIENT = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
               "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException"}
 # botocore exception class names for connection refused/reset, timeouts, truncated bodies.
 _NETWORK_ERRORS = ("ConnectionError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError")
+
+
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _content_type(key: str) -> str:
+    return mimetypes.guess_type(key)[0] or "application/octet-stream"
 
 
 def s3_endpoint(configured: str = "", environ: os._Environ[str] | dict[str, str] | None = None) -> str:
@@ -68,8 +77,12 @@ class S3Storage(Storage):
             s3={"addressing_style": "path" if self.endpoint else "auto"},
             max_pool_connections=32,
         )
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint or None, region_name=self.region, config=config)
+        global _SESSION
+        with _SESSION_LOCK:  # one session per process: its loaded service model is reused
+            if _SESSION is None:
+                _SESSION = boto3.session.Session()
+            return _SESSION.client(
+                "s3", endpoint_url=self.endpoint or None, region_name=self.region, config=config)
 
     def _classify(self, exc: BaseException) -> Fault:
         import botocore.exceptions as bce
@@ -101,10 +114,12 @@ class S3Storage(Storage):
 
     def _put_file(self, key: str, local_path: str) -> None:
         with open(local_path, "rb") as body:
-            self.client.put_object(Bucket=self.location.bucket, Key=key, Body=body)
+            self.client.put_object(Bucket=self.location.bucket, Key=key, Body=body,
+                                   ContentType=_content_type(key))
 
     def _put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data)
+        self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data,
+                               ContentType=_content_type(key))
 
     def _exists(self, bucket: str, key: str) -> bool:
         try:

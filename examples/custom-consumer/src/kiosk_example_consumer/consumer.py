@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from scipy import ndimage
+
 from kiosk_worker import imaging, protocol, results
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import JobError
-from scipy import ndimage
 
 __all__ = ["ThresholdConsumer", "threshold_labels"]
 
