@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kiosk_worker import protocol, zipjobs
 from rich.console import Console
 
 from kiosk_cli import connect, display, inputs, pools, results, status, submit, track
 from kiosk_cli.errors import CliError
+from kiosk_worker import protocol, zipjobs
 
 log = logging.getLogger("kiosk_cli")
 EXIT_ERROR = 1

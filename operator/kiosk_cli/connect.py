@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import redis
-from kiosk_worker import redis_conn
-from kiosk_worker.settings import Settings, SettingsError, load_settings
 
 from kiosk_cli.errors import CliError
+from kiosk_worker import redis_conn
+from kiosk_worker.settings import Settings, SettingsError, load_settings
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from kiosk_worker import protocol
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -12,6 +11,7 @@ from rich.text import Text
 
 from kiosk_cli.status import Snapshot
 from kiosk_cli.track import JobView
+from kiosk_worker import protocol
 
 _STATUS_STYLE = {protocol.DONE: "green", protocol.FAILED: "red", "missing": "red"}
 

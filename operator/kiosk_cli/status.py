@@ -7,11 +7,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
-from kiosk_worker import protocol
 
 from kiosk_cli.connect import _short
 from kiosk_cli.errors import CliError
 from kiosk_cli.pools import PoolRow
+from kiosk_worker import protocol
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from kiosk_worker import protocol
 
 from kiosk_cli.connect import _short
 from kiosk_cli.errors import CliError
+from kiosk_worker import protocol
 
 UPLOAD_DIR = "uploads"
 

@@ -7,10 +7,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import redis
-from kiosk_worker import protocol
 
 from kiosk_cli.connect import _short
 from kiosk_cli.errors import CliError
+from kiosk_worker import protocol
 
 #: Fields a client needs to follow a job (the ones the Kiosk frontend polls).
 TRACKED_FIELDS = ("status", "progress", "reason", "output_url", "output_file_name", "failures", "children")

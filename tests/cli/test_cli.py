@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+
 from harness.ports import free_port
 from harness.wait import wait_for
 from kiosk_cli import inputs, pools, track

@@ -1,4 +1,4 @@
-"""End-to-end fixtures: the model server in-process, a file:// bucket, kubelet players cleaned up."""
+"""End-to-end fixtures: model server in-process, file:// bucket, kubelet players, the CRD and operator."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
-from harness.cluster import LocalCluster
+from e2e_support import operator_helpers
+from harness.cluster import ApiError, LocalCluster
 from harness.kubelet import KubeletPlayer
+from harness.wait import wait_for
+from kiosk_operator.spec import GROUP, VERSION
 from kiosk_model_server import ModelServer
 
 
@@ -52,3 +55,26 @@ def kubelet(k8s_cluster: LocalCluster, k8s_namespace: str, tmp_path: Path,
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
             print(f"--- kubelet player ({player.selector}) ---\n{player.describe()}\n{player.logs()}")
+
+
+@pytest.fixture(scope="session")
+def crd(k8s_cluster: LocalCluster) -> None:
+    """The ConsumerPool CRD applied and served."""
+    helpers = operator_helpers()
+    k8s_cluster.apply(helpers.CRD_FILE.read_text())
+    wait_for(lambda: k8s_cluster.exists(f"/apis/{GROUP}/{VERSION}"), 60, "ConsumerPool CRD served",
+             ignore=(ApiError,))
+
+
+@pytest.fixture()
+def operator(k8s_cluster: LocalCluster, k8s_namespace: str, crd: None, tmp_path: Path,
+             request: pytest.FixtureRequest) -> Iterator[Any]:
+    """`kiosk-operator --namespace NS` as its ServiceAccount (the RBAC of rbac_rules.yaml)."""
+    op = operator_helpers().OperatorProcess(k8s_cluster, k8s_namespace, tmp_path).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            print(f"--- operator log ({op.log_path}) ---\n{op.log()}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from kiosk_worker.retry import backoff_delays, capped_delay, retry_call
 
 

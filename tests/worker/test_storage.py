@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+
 from harness.ports import free_port
 from harness.storage_servers import (  # noqa: F401 - fixtures
     FakeGcsServer,
