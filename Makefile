@@ -31,8 +31,9 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(VENV)/bin/ruff check .
 
-cluster-binaries:
+cluster-binaries: venv
 	bash tools/cluster/build.sh
+	cd tests && ../$(PY) -m harness.storage_servers build
 
 cluster-up: venv cluster-binaries
 	$(PY) tools/cluster/cluster.py up

@@ -78,3 +78,9 @@ def operator(k8s_cluster: LocalCluster, k8s_namespace: str, crd: None, tmp_path:
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
             print(f"--- operator log ({op.log_path}) ---\n{op.log()}")
+
+
+@pytest.fixture()
+def api(k8s_cluster: LocalCluster, k8s_namespace: str) -> Any:
+    """Shortcuts for pools, Deployments, pods and events in the test namespace."""
+    return operator_helpers().Api(k8s_cluster, k8s_namespace)

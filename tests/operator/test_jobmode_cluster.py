@@ -58,15 +58,15 @@ def test_250_items_batch_25_exactly_10_jobs_never_more(batch_api, k8s_namespace)
 
     def tick() -> bool:
         nonlocal pending, peak
-        result = jobmode.reconcile_jobs(batch_v1, ns, pool, spec, pending, owner=owner)
-        created.update(result.created)
         views = _jobs(batch_v1, ns, pool)
-        peak = max(peak, sum(1 for v in views if v.active))
-        for view in views:  # play the workers: a finished Job took its batch
-            if view.state == jobmode.SUCCEEDED and view.name not in consumed:
+        for view in views:  # play the workers: a running Job takes its batch off the queue
+            if view.state in (jobmode.RUNNING, jobmode.SUCCEEDED) and view.name not in consumed:
                 consumed.add(view.name)
                 pending = max(0, pending - 25)
-        return pending == 0 and not any(v.active for v in views)
+        result = jobmode.reconcile_jobs(batch_v1, ns, pool, spec, pending, owner=owner)
+        created.update(result.created)
+        peak = max(peak, sum(1 for v in views if v.active) + len(result.created))
+        return pending == 0 and not any(v.active for v in views) and not result.created
 
     wait_for(tick, 90, "all batches done", interval=0.2, max_interval=0.3)
     assert len(created) == 10, sorted(created)
