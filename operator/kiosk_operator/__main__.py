@@ -83,15 +83,16 @@ def setup_logging(json_logs: bool, verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    setup_logging(args.log_json, args.verbose)
-    if args.local:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--local" in argv:  # local mode has its own options (kiosk_operator.local)
         try:
             local = importlib.import_module("kiosk_operator.local")
         except ModuleNotFoundError:
             print("kiosk-operator: local mode is not available in this build", file=sys.stderr)
             return 2
-        return int(local.main(args) or 0)
+        return int(local.main(argv) or 0)
+    args = parser().parse_args(argv)
+    setup_logging(args.log_json, args.verbose)
 
     import kopf
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 import redis
+from kubernetes.client.rest import ApiException
 
 from kiosk_operator import manifests, metrics
 from kiosk_operator.depth import HEARTBEAT_SLACK, Measurement, RedisClients, measure
@@ -110,7 +111,12 @@ def ensure_deployment(
         replicas = max(
             spec.scaling.min_workers, min(int(status.get("desired") or 0), spec.scaling.max_workers)
         )
-        created = kube.create_deployment(render_deployment(pool, spec, replicas))
+        try:
+            created = kube.create_deployment(render_deployment(pool, spec, replicas))
+        except ApiException as exc:
+            if exc.status != 409:  # created concurrently (create handler vs scaling loop): fine
+                raise
+            return "unchanged", kube.get_deployment(ns, name) or {}
         logger.info("created Deployment %s/%s with %d replicas", ns, name, replicas)
         return "created", created
     want = render_deployment(pool, spec, int(have.get("spec", {}).get("replicas") or 0))
@@ -244,8 +250,9 @@ def scaling_cycle(
     dep_name = manifests.deployment_name(name)
     dep = kube.get_deployment(ns, dep_name)
     if dep is None:
-        _, dep = ensure_deployment(kube, pool, spec, logger)
-        events.append(Event("Normal", "DeploymentCreated", f"worker Deployment {dep_name} created"))
+        action, dep = ensure_deployment(kube, pool, spec, logger)
+        if action == "created":
+            events.append(Event("Normal", "DeploymentCreated", f"worker Deployment {dep_name} created"))
     current = int(dep.get("spec", {}).get("replicas") or 0)
     service = (m.mean_service_seconds, m.service_samples) if m.mean_service_seconds else None
     decision = desired_workers(

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e_support import operator_helpers
+
 from harness.cluster import ApiError, LocalCluster
 from harness.kubelet import KubeletPlayer
 from harness.wait import wait_for
-from kiosk_operator.spec import GROUP, VERSION
 from kiosk_model_server import ModelServer
+from kiosk_operator.spec import GROUP, VERSION
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import math
 
 import pytest
 from e2e_support import mean_matched_iou, operator_helpers, result_labels, statuses, submit_cells
+
 from harness.cluster import HARNESS_KUBELET_LABEL
 from harness.wait import wait_for
 from kiosk_operator import manifests

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["result_stem", "save_labels", "save_arrays", "zip_files"]
+__all__ = ["label_members", "result_stem", "save_arrays", "save_labels", "zip_arrays", "zip_files"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -53,6 +53,29 @@ def save_arrays(arrays: Mapping[str, np.ndarray], out_dir: str, stem: str) -> li
         tifffile.imwrite(path, np.ascontiguousarray(arr), compression="zlib")
         paths.append(path)
     return paths
+
+
+def label_members(labels: np.ndarray, stem: str) -> dict[str, np.ndarray]:
+    """Zip member name -> int32 frame, named as ``save_labels`` names its files."""
+    arr = np.asarray(labels)
+    if arr.ndim == 2:
+        arr = arr[np.newaxis]
+    return {f"{stem}_labels{'' if len(arr) == 1 else f'_{i:04d}'}.tif": frame.astype(np.int32, copy=False)
+            for i, frame in enumerate(arr)}
+
+
+def zip_arrays(members: Mapping[str, np.ndarray], zip_path: str) -> str:
+    """Encode each array as a TIFF in memory and write them into one zip (one file on disk)."""
+    import io
+
+    import tifffile
+
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in members.items():
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, np.ascontiguousarray(arr))
+            zf.writestr(name, buf.getvalue())
+    return zip_path
 
 
 def zip_files(paths: Iterable[str], zip_path: str) -> str:

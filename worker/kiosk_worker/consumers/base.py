@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -106,6 +107,7 @@ class Consumer:
         self.job: dict[str, str] = {}
         self.finish_fields: dict[str, Any] = {}
         self.tempdir = ""
+        self._workdir = ""
         self.current_key = ""
         self._cancelled = threading.Event()
 
@@ -169,13 +171,11 @@ class Consumer:
                 self.store.release(queue, redis_hash)
                 return None
             self.job = job
-            tempdir = tempfile.mkdtemp(prefix="kiosk-job-")
-            self.tempdir = tempdir
+            self.tempdir = self._job_dir()
             try:
                 status = self._consume(redis_hash)
             finally:
-                shutil.rmtree(tempdir, ignore_errors=True)
-                self.tempdir = ""
+                _empty_dir(self.tempdir)
         except (Cancelled, redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as err:  # every other failure ends the job, the worker goes on
@@ -202,6 +202,12 @@ class Consumer:
         self.logger.info("job %s: %s in %.3fs", redis_hash, status, time.perf_counter() - start)
         return status
 
+    def _job_dir(self) -> str:
+        """One scratch dir per consumer, emptied after every job (saves mkdir/rmdir per job)."""
+        if not self._workdir or not os.path.isdir(self._workdir):
+            self._workdir = tempfile.mkdtemp(prefix=f"kiosk-{type(self).__name__.lower()}-")
+        return self._workdir
+
     def _start_job(self, redis_hash: str) -> dict[str, str] | None:
         """Mark the job started (+identity_started) and return its fields; None to skip it."""
         if self._cancelled.is_set():
@@ -219,6 +225,22 @@ class Consumer:
         if self._cancelled.is_set():
             raise Cancelled(key)
         self.store.finish(queue, key, fields)
+
+
+def _empty_dir(path: str) -> None:
+    """Remove everything inside ``path`` but keep the directory."""
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
 
 
 def _fmt(value: Any) -> str:

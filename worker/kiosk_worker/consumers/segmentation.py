@@ -55,8 +55,8 @@ class SegmentationConsumer(TensorFlowServingConsumer):
 
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
         stem = results.result_stem(job.get("original_name") or input_name)
-        paths = results.save_labels(labels, self.tempdir, stem)
-        zip_path = results.zip_files(paths, os.path.join(self.tempdir, f"{stem}.zip"))
+        zip_path = results.zip_arrays(results.label_members(labels, stem),
+                                      os.path.join(self.tempdir, f"{stem}.zip"))
         with self.timed("upload_time"):
             dest, url = self.storage.upload(zip_path)
         self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
