@@ -112,8 +112,8 @@ def makespan_row(n: int, k: int, latency_ms: float) -> dict:
     import numpy as np
     import redis
     import tifffile
-    from kiosk_model_server import ModelServer
 
+    from kiosk_model_server import ModelServer
     from kiosk_operator.local import start_redis
     from kiosk_operator.process_backend import ProcessBackend
     from kiosk_worker import protocol
@@ -166,7 +166,7 @@ def _wait_done(client, keys: list[str], timeout: float) -> None:
         pipe = client.pipeline(transaction=False)
         for key in remaining:
             pipe.hget(key, "status")
-        remaining = [k for k, s in zip(remaining, pipe.execute()) if s not in ("done", "failed")]
+        remaining = [k for k, s in zip(remaining, pipe.execute(), strict=True) if s not in ("done", "failed")]
         if remaining and time.monotonic() > deadline:
             raise RuntimeError(f"{len(remaining)} bench jobs not finished in {timeout}s")
         time.sleep(0.05)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from kiosk_worker.tfs.messages import encode_predict_request
 from kiosk_worker.tfs.protos import predict_pb2
 

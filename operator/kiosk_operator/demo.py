@@ -20,6 +20,7 @@ def make_images(directory: Path, count: int, size: int = 128) -> list[tuple[str,
     """Synthetic images with known cells: (file name relative to the bucket, true cell count)."""
     import numpy as np
     import tifffile
+
     from kiosk_model_server.synthetic import make_cells
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\nresults:")
         done = 0
-        for (img, truth), key in zip(images, keys):
+        for (img, truth), key in zip(images, keys, strict=True):
             job = client.hgetall(key)
             done += job.get("status") == protocol.DONE
             where = job.get("output_url") or job.get("reason", "")

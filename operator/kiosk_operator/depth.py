@@ -9,11 +9,11 @@ import threading
 from dataclasses import dataclass
 
 import redis
+
+from kiosk_operator.spec import RedisSpec
 from kiosk_worker import protocol
 from kiosk_worker.redis_conn import connect
 from kiosk_worker.settings import Settings
-
-from kiosk_operator.spec import RedisSpec
 
 #: Seconds a registered worker may miss heartbeats before it no longer counts as busy.
 HEARTBEAT_SLACK = 3.0

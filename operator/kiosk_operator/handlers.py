@@ -15,8 +15,9 @@ import kopf
 
 from kiosk_operator import manifests, metrics
 from kiosk_operator.depth import RedisClients
+from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
-from kiosk_operator.reconcile import PoolState, ensure_deployment, scaling_cycle
+from kiosk_operator.reconcile import PoolState, ensure_deployment, render_deployment, scaling_cycle
 from kiosk_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
 
 log = logging.getLogger("kiosk_operator")
@@ -89,9 +90,7 @@ def pools_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[
 @kopf.on.resume(*POOL)
 @kopf.on.create(*POOL)
 @kopf.on.update(*POOL, field="spec")
-def reconcile_pool(
-    body: kopf.Body, spec: kopf.Spec, memo: Any, logger: Any, patch: kopf.Patch, **_: Any
-) -> None:
+def reconcile_pool(body: kopf.Body, spec: kopf.Spec, memo: Any, logger: Any, patch: kopf.Patch, **_: Any) -> None:
     """Render the pool's Deployment (Deployment mode); bad specs become a condition, not a crash loop."""
     try:
         pool_spec = parse_spec(dict(spec))
@@ -108,30 +107,47 @@ def reconcile_pool(
             )
 
 
-@kopf.on.event(
-    "apps",
-    "v1",
-    "deployments",
-    labels={manifests.POOL_LABEL: kopf.PRESENT, manifests.COMPONENT_LABEL: manifests.WORKER_COMPONENT},
-)
+WORKER_LABELS = {manifests.POOL_LABEL: kopf.PRESENT, manifests.COMPONENT_LABEL: manifests.WORKER_COMPONENT}
+
+
+@kopf.index("apps", "v1", "deployments", labels=WORKER_LABELS)
+def worker_replicas(namespace: str, name: str, spec: kopf.Spec, status: kopf.Status, **_: Any) -> dict:
+    """(spec replicas, pods) of every worker Deployment, from the watch: idle cycles need no GET."""
+    return {(namespace, name): (int(spec.get("replicas") or 0), int(status.get("replicas") or 0))}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=WORKER_LABELS)
 def repair_deployment(
-    event: dict, body: kopf.Body, namespace: str, memo: Any, logger: Any, pools_by_name: kopf.Index, **_: Any
+    event: dict,
+    body: kopf.Body,
+    namespace: str,
+    memo: Any,
+    logger: Any,
+    pools_by_name: kopf.Index,
+    **_: Any,
 ) -> None:
     """Someone edited or deleted a worker Deployment by hand: put ours back."""
     pool_name = body.metadata.labels.get(manifests.POOL_LABEL)
     if (namespace, pool_name) not in pools_by_name:
         return
-    kube = _kube(memo)
-    pool = kube.get_pool(namespace, pool_name)  # fresh: the index may lag a deletion
-    if pool is None or pool["metadata"].get("deletionTimestamp"):
-        return
+    indexed = next(iter(pools_by_name[(namespace, pool_name)]))
+    deleted = event.get("type") == "DELETED"
     try:
-        pool_spec = parse_spec(pool.get("spec"))
+        pool_spec = parse_spec(indexed.get("spec"))
     except SpecError:
         return
     if pool_spec.scaling.mode != "Deployment":
         return
-    action, _ = ensure_deployment(kube, pool, pool_spec, logger)
+    kube = _kube(memo)
+    if not deleted:
+        have = dict(body)
+        want = render_deployment(indexed, pool_spec, int(have.get("spec", {}).get("replicas") or 0))
+        if not deployment_drift(want, have):
+            return  # the common case: our own scaling or a status update
+    pool = kube.get_pool(namespace, pool_name)  # fresh: the index may lag a change or a deletion
+    if pool is None or pool["metadata"].get("deletionTimestamp"):
+        return
+    action, _ = ensure_deployment(kube, pool, parse_spec(pool.get("spec")), logger)
     if action != "unchanged":
         kopf.event(
             pool,
@@ -143,7 +159,14 @@ def repair_deployment(
 
 @kopf.daemon(*POOL, cancellation_timeout=10.0)
 async def scaling_loop(
-    stopped: kopf.DaemonStopped, body: kopf.Body, namespace: str, name: str, memo: Any, logger: Any, **_: Any
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    memo: Any,
+    logger: Any,
+    worker_replicas: kopf.Index,
+    **_: Any,
 ) -> None:
     """Measure -> decide -> act every pollingIntervalSeconds, for as long as the pool exists."""
     kube = _kube(memo)
@@ -151,6 +174,11 @@ async def scaling_loop(
     loops = _state.setdefault("loops", {})
     loops[(namespace, name)] = state
     loop = asyncio.get_running_loop()
+
+    def replicas_of(ns: str, dep: str) -> tuple[int, int] | None:
+        found = worker_replicas.get((ns, dep))
+        return next(iter(found)) if found else None
+
     try:
         while not stopped:
             pool = {
@@ -162,7 +190,8 @@ async def scaling_loop(
             }
             try:
                 result = await loop.run_in_executor(
-                    _executor(), lambda p=pool: scaling_cycle(kube, _clients(), p, state, logger=logger)
+                    _executor(),
+                    lambda p=pool: scaling_cycle(kube, _clients(), p, state, logger=logger, replicas_of=replicas_of),
                 )
             except Exception as exc:  # Kubernetes API hiccup: log, post, retry next interval
                 logger.warning("scaling cycle failed: %s", str(exc).splitlines()[0] if str(exc) else exc)

@@ -42,6 +42,7 @@ class PoolState:
     status: dict[str, Any] = field(default_factory=dict)
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
+    model_server_replicas: int | None = None
 
 
 @dataclass
@@ -97,15 +98,17 @@ def render_deployment(pool: dict[str, Any], spec: PoolSpec, replicas: int) -> di
 
 
 def ensure_deployment(
-    kube: Kube, pool: dict[str, Any], spec: PoolSpec, logger: Any = log
+    kube: Kube, pool: dict[str, Any], spec: PoolSpec, logger: Any = log, have: Any = ...
 ) -> tuple[str, dict]:
     """Create the worker Deployment, or put back every field we own; replicas are left alone.
 
+    ``have`` is the live Deployment when the caller already has it (a watch event), else read.
     Returns (what happened: created|updated|unchanged, the live Deployment).
     """
     meta = pool["metadata"]
     ns, name = meta["namespace"], manifests.deployment_name(meta["name"])
-    have = kube.get_deployment(ns, name)
+    if have is ...:
+        have = kube.get_deployment(ns, name)
     if have is None:
         status = pool.get("status") or {}
         replicas = max(
@@ -161,6 +164,8 @@ def scale_model_server(
     if dep is None:
         return
     want = dep.replicas if active else 0
+    if state.model_server_replicas == want:
+        return  # already applied; read again only when the pool turns active or idle
     have = kube.get_deployment(ns, dep.name)
     if have is None:
         if "model-server-missing" not in state.warned:
@@ -170,6 +175,7 @@ def scale_model_server(
             )
         return
     state.warned.discard("model-server-missing")
+    state.model_server_replicas = want
     if int(have.get("spec", {}).get("replicas") or 0) != want:
         kube.scale_deployment(ns, dep.name, want)
         events.append(
@@ -184,8 +190,13 @@ def scaling_cycle(
     state: PoolState,
     now: Callable[[], float] = time.time,
     logger: Any = log,
+    replicas_of: Callable[[str, str], tuple[int, int] | None] | None = None,
 ) -> CycleResult:
-    """Measure depth, decide, patch replicas/costs/model server, write status. Never raises for Redis."""
+    """Measure depth, decide, patch replicas/costs/model server, write status. Never raises for Redis.
+
+    ``replicas_of(namespace, deployment)`` -> (spec replicas, pods) answers from a watch cache (None: unknown, then the
+    Deployment is read from the API), so an idle cycle costs Redis round trips only.
+    """
     meta = pool["metadata"]
     ns, name = meta["namespace"], meta["name"]
     started = time.perf_counter()
@@ -248,12 +259,17 @@ def scaling_cycle(
 
     # 2. Decide.
     dep_name = manifests.deployment_name(name)
-    dep = kube.get_deployment(ns, dep_name)
-    if dep is None:
-        action, dep = ensure_deployment(kube, pool, spec, logger)
-        if action == "created":
-            events.append(Event("Normal", "DeploymentCreated", f"worker Deployment {dep_name} created"))
-    current = int(dep.get("spec", {}).get("replicas") or 0)
+    cached = replicas_of(ns, dep_name) if replicas_of else None
+    if cached is not None:
+        current, workers = cached
+    else:
+        dep = kube.get_deployment(ns, dep_name)
+        if dep is None:
+            action, dep = ensure_deployment(kube, pool, spec, logger, have=None)
+            if action == "created":
+                events.append(Event("Normal", "DeploymentCreated", f"worker Deployment {dep_name} created"))
+        current = int(dep.get("spec", {}).get("replicas") or 0)
+        workers = int((dep.get("status") or {}).get("replicas") or 0)
     service = (m.mean_service_seconds, m.service_samples) if m.mean_service_seconds else None
     decision = desired_workers(
         m.depth, current, spec.scaling, state.last_active, t, busy=len(m.busy_workers), service=service
@@ -287,7 +303,6 @@ def scaling_cycle(
     scale_model_server(kube, ns, spec, replicas > 0, state, events)
 
     # 4. Report.
-    workers = int((dep.get("status") or {}).get("replicas") or 0)
     metrics.QUEUE_PENDING.labels(*labels).set(m.pending)
     metrics.QUEUE_IN_FLIGHT.labels(*labels).set(m.in_flight)
     metrics.WORKERS_DESIRED.labels(*labels).set(replicas)

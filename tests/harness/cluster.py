@@ -37,7 +37,6 @@ import base64
 import ctypes
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -49,9 +48,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any
 
 from .wait import WaitTimeout, wait_for
 
@@ -98,7 +98,7 @@ def state_file() -> Path:
 
 
 @lru_cache(maxsize=1)
-def binary_versions() -> Dict[str, str]:
+def binary_versions() -> dict[str, str]:
     """name -> version, as pinned in tools/cluster/build.sh (single source of truth)."""
     out = subprocess.run(
         ["bash", str(BUILD_SCRIPT), "--print-versions"], check=True, capture_output=True, text=True
@@ -114,7 +114,7 @@ def binary_path(name: str) -> Path:
     return cache_dir() / "bin" / f"{name}-{versions[name]}"
 
 
-def ensure_binaries(names: Iterable[str] = ALL_BINARIES) -> Dict[str, Path]:
+def ensure_binaries(names: Iterable[str] = ALL_BINARIES) -> dict[str, Path]:
     """Build any missing binaries (runs tools/cluster/build.sh; cold: tens of minutes)."""
     names = list(names)
     missing = [n for n in names if not os.access(binary_path(n), os.X_OK)]
@@ -132,7 +132,7 @@ def ensure_binaries(names: Iterable[str] = ALL_BINARIES) -> Dict[str, Path]:
 # --------------------------------------------------------------------------- helpers
 
 
-def _free_ports(count: int) -> List[int]:
+def _free_ports(count: int) -> list[int]:
     socks, ports = [], []
     try:
         for _ in range(count):
@@ -164,7 +164,7 @@ def _set_pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _pid_alive(pid: int, exe: Optional[str] = None) -> bool:
+def _pid_alive(pid: int, exe: str | None = None) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -536,7 +536,7 @@ def kwok_config(job_pod_duration: float, pod_delete_delay: float = 0.0) -> str:
 
 
 class _Proc:
-    def __init__(self, name: str, argv: List[str], log: Path, popen: Optional[subprocess.Popen], pid: int):
+    def __init__(self, name: str, argv: list[str], log: Path, popen: subprocess.Popen | None, pid: int):
         self.name, self.argv, self.log, self.popen, self.pid = name, argv, log, popen, pid
 
     def alive(self) -> bool:
@@ -567,7 +567,7 @@ class LocalCluster:
         node_memory: str = "128Gi",
         node_pods: str = "110",
         node_gpus: int = 4,
-        workdir: Optional[os.PathLike] = None,
+        workdir: os.PathLike | None = None,
         keep_workdir: bool = False,
         detached: bool = False,
         start_timeout: float = 120.0,
@@ -582,15 +582,15 @@ class LocalCluster:
         self.detached = detached
         self.start_timeout = start_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
-        self.workdir: Optional[Path] = None
-        self.kubeconfig: Optional[Path] = None
-        self.server: Optional[str] = None
-        self.ports: Dict[str, int] = {}
-        self.timings: Dict[str, float] = {}
-        self.procs: List[_Proc] = []
+        self.workdir: Path | None = None
+        self.kubeconfig: Path | None = None
+        self.server: str | None = None
+        self.ports: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self.procs: list[_Proc] = []
         self._owned = True
         self._node_seq = 0
-        self._ssl: Optional[ssl.SSLContext] = None
+        self._ssl: ssl.SSLContext | None = None
         self._atexit_registered = False
 
     # ----------------------------------------------------------------- paths
@@ -614,13 +614,13 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         bins = ensure_binaries(CLUSTER_BINARIES)
         t0 = time.monotonic()
         if self._workdir_arg:
@@ -782,7 +782,7 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- processes
 
-    def _spawn(self, name: str, argv: List[str], env: Optional[Dict[str, str]] = None) -> _Proc:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> _Proc:
         log = self.log_path(name)
         full_env = dict(os.environ)
         full_env.pop("KUBECONFIG", None)
@@ -804,8 +804,8 @@ class LocalCluster:
             f"{proc.name} {reason} (workdir {self.workdir}); last lines of {proc.log}:\n{_log_tail(proc.log)}"
         )
 
-    def _wait_http(self, proc: _Proc, url: str, ok, timeout: Optional[float] = None) -> None:
-        ctx = self._ssl_context() if url.startswith("https://127.0.0.1:%d" % self.ports["apiserver"]) else None
+    def _wait_http(self, proc: _Proc, url: str, ok, timeout: float | None = None) -> None:
+        ctx = self._ssl_context() if url.startswith(f"https://127.0.0.1:{self.ports['apiserver']}") else None
         if url.startswith("https") and ctx is None:
             ctx = ssl._create_unverified_context()  # components' self-signed serving certs
         deadline = time.monotonic() + (timeout or self.start_timeout)
@@ -827,8 +827,8 @@ class LocalCluster:
                 raise self._fail(proc, f"not ready at {url} after {timeout or self.start_timeout:.0f}s (last: {last})")
             time.sleep(0.1)
 
-    def _wait_with_procs(self, predicate, message: str, timeout: Optional[float] = None,
-                         procs: Optional[List[_Proc]] = None) -> Any:
+    def _wait_with_procs(self, predicate, message: str, timeout: float | None = None,
+                         procs: list[_Proc] | None = None) -> Any:
         procs = self.procs if procs is None else procs
 
         def check():
@@ -880,13 +880,13 @@ class LocalCluster:
             f.chmod(0o600)
 
     def _write_kubeconfig(self, path: Path, user: Mapping[str, Any], *, embed_ca: bool = False,
-                          namespace: Optional[str] = None, user_name: str = "admin") -> Path:
-        cluster: Dict[str, Any] = {"server": self.server}
+                          namespace: str | None = None, user_name: str = "admin") -> Path:
+        cluster: dict[str, Any] = {"server": self.server}
         if embed_ca:
             cluster["certificate-authority-data"] = _b64file(self.ca_file)
         else:
             cluster["certificate-authority"] = str(self.ca_file)
-        context: Dict[str, Any] = {"cluster": "kiosk-local", "user": user_name}
+        context: dict[str, Any] = {"cluster": "kiosk-local", "user": user_name}
         if namespace:
             context["namespace"] = namespace
         cfg = {
@@ -901,7 +901,7 @@ class LocalCluster:
         return path
 
     def kubeconfig_for_serviceaccount(self, namespace: str, name: str, *, mode: str = "token",
-                                      expiration_seconds: int = 86400, path: Optional[os.PathLike] = None) -> Path:
+                                      expiration_seconds: int = 86400, path: os.PathLike | None = None) -> Path:
         """Write a kubeconfig that acts as ServiceAccount ``namespace/name`` (exactly its RBAC).
 
         mode="token" (default): a bound token from the TokenRequest API; works with every
@@ -919,7 +919,7 @@ class LocalCluster:
                 "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                 "spec": {"expirationSeconds": expiration_seconds},
             })
-            user: Dict[str, Any] = {"token": resp["status"]["token"]}
+            user: dict[str, Any] = {"token": resp["status"]["token"]}
         elif mode == "impersonate":
             user = {
                 "client-certificate-data": _b64file(self.pki / "admin.crt"),
@@ -940,7 +940,7 @@ class LocalCluster:
         return self._ssl
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float = 30,
-                content_type: str = "application/json", query: Optional[Mapping[str, str]] = None) -> Any:
+                content_type: str = "application/json", query: Mapping[str, str] | None = None) -> Any:
         """Admin request to the API server; returns parsed JSON (None for empty bodies).
 
         Raises ApiError on HTTP errors (``.status`` is e.g. 404 or 409).
@@ -973,8 +973,8 @@ class LocalCluster:
                 return False
             raise
 
-    def kubectl(self, *args: str, input: Optional[str] = None, check: bool = True, timeout: float = 120,
-                kubeconfig: Optional[os.PathLike] = None) -> subprocess.CompletedProcess:
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120,
+                kubeconfig: os.PathLike | None = None) -> subprocess.CompletedProcess:
         """Run the built kubectl against this cluster (admin unless ``kubeconfig`` given)."""
         argv = [str(binary_path("kubectl")), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
@@ -985,23 +985,23 @@ class LocalCluster:
     def kubectl_json(self, *args: str, **kw: Any) -> Any:
         return json.loads(self.kubectl(*args, "-o", "json", **kw).stdout)
 
-    def apply(self, manifest: str, namespace: Optional[str] = None) -> subprocess.CompletedProcess:
+    def apply(self, manifest: str, namespace: str | None = None) -> subprocess.CompletedProcess:
         """kubectl apply -f - (YAML or JSON text)."""
         ns = ["-n", namespace] if namespace else []
         return self.kubectl("apply", *ns, "-f", "-", input=manifest)
 
     def api_client(self):
         """A ``kubernetes.client.ApiClient`` (admin) if the Python package is installed."""
-        from kubernetes import client, config  # type: ignore
+        from kubernetes import config  # type: ignore
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     # ----------------------------------------------------------------- nodes
 
-    def create_nodes(self, count: int, *, prefix: str = "kwok-node-", cpu: Optional[str] = None,
-                     memory: Optional[str] = None, pods: Optional[str] = None, gpus: Optional[int] = None,
-                     labels: Optional[Mapping[str, str]] = None, taints: Sequence[Mapping[str, str]] = (),
-                     wait: bool = True) -> List[str]:
+    def create_nodes(self, count: int, *, prefix: str = "kwok-node-", cpu: str | None = None,
+                     memory: str | None = None, pods: str | None = None, gpus: int | None = None,
+                     labels: Mapping[str, str] | None = None, taints: Sequence[Mapping[str, str]] = (),
+                     wait: bool = True) -> list[str]:
         """Create ``count`` fake nodes managed by kwok; returns their names."""
         d = self.node_defaults
         resources = {"cpu": cpu or d["cpu"], "memory": memory or d["memory"], "pods": pods or d["pods"]}
@@ -1029,7 +1029,7 @@ class LocalCluster:
             self.wait_nodes_ready(names)
         return names
 
-    def _nodes_ready(self, names: Optional[Sequence[str]]) -> bool:
+    def _nodes_ready(self, names: Sequence[str] | None) -> bool:
         items = self.get("/api/v1/nodes")["items"]
         by_name = {n["metadata"]["name"]: n for n in items}
         wanted = names if names is not None else [
@@ -1047,8 +1047,8 @@ class LocalCluster:
                 return False
         return True
 
-    def wait_nodes_ready(self, names: Optional[Sequence[str]] = None, timeout: Optional[float] = None,
-                         procs: Optional[List[_Proc]] = None) -> None:
+    def wait_nodes_ready(self, names: Sequence[str] | None = None, timeout: float | None = None,
+                         procs: list[_Proc] | None = None) -> None:
         """Wait until the nodes (default: all kwok nodes) are Ready and untainted by the node controller."""
         self._wait_with_procs(lambda: self._nodes_ready(names), f"nodes {names or 'all'} Ready",
                               timeout=timeout, procs=procs)
@@ -1058,7 +1058,7 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- namespaces
 
-    def create_namespace(self, name: str, *, labels: Optional[Mapping[str, str]] = None,
+    def create_namespace(self, name: str, *, labels: Mapping[str, str] | None = None,
                          wait_default_sa: bool = True, timeout: float = 30) -> str:
         self.request("POST", "/api/v1/namespaces", {
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": dict(labels or {})}})
@@ -1079,7 +1079,7 @@ class LocalCluster:
 
     # ----------------------------------------------------------------- state (CLI)
 
-    def state(self) -> Dict[str, Any]:
+    def state(self) -> dict[str, Any]:
         return {
             "workdir": str(self.workdir), "kubeconfig": str(self.kubeconfig), "server": self.server,
             "ports": self.ports, "node_seq": self._node_seq,
@@ -1090,7 +1090,7 @@ class LocalCluster:
         }
 
     @classmethod
-    def from_state(cls, state: Optional[Mapping[str, Any]] = None) -> "LocalCluster":
+    def from_state(cls, state: Mapping[str, Any] | None = None) -> LocalCluster:
         """Attach to a running detached cluster (``make cluster-up``); stop() is a no-op."""
         if state is None:
             state = json.loads(state_file().read_text())
@@ -1175,7 +1175,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.cluster", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up", help="start a detached cluster; prints export KUBECONFIG=...")

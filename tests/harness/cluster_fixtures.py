@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -49,7 +49,8 @@ class RedisServer:
             except redis.ConnectionError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server failed to start: {(self.dir / 'redis.log').read_text()[-500:]}")
+                log_tail = (self.dir / "redis.log").read_text()[-500:]
+                raise RuntimeError(f"redis-server failed to start: {log_tail}")
             time.sleep(0.02)
 
     def stop(self) -> None:

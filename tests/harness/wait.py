@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Tuple, Type, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -19,7 +20,7 @@ def wait_for(
     *,
     interval: float = 0.1,
     max_interval: float = 1.0,
-    ignore: Tuple[Type[BaseException], ...] = (),
+    ignore: tuple[type[BaseException], ...] = (),
 ) -> T:
     """Call ``predicate`` until it returns a truthy value; return that value.
 

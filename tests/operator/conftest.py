@@ -22,7 +22,7 @@ def crd(k8s_cluster: LocalCluster) -> dict[str, Any]:
 
     def established() -> Any:
         obj = k8s_cluster.get(path)
-        conds = {c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", [])}
+        conds = {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or []}
         return obj if conds.get("Established") == "True" else None
 
     crd_obj = wait_for(established, 60, "ConsumerPool CRD Established")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
 from kiosk_operator.scaling import (
     DOWN,
     HOLD,

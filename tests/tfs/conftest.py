@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from kiosk_model_server import ModelServer
 from kiosk_worker.tfs.client import TFServingClient
 

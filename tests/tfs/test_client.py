@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import json_format
+
 from harness.ports import free_port
 from kiosk_model_server import ModelServer
 from kiosk_worker.tfs.client import (

@@ -15,11 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from harness.ports import free_port
-from kiosk_model_server import ModelServer
-from kiosk_model_server.synthetic import make_cells, make_timelapse
-from kiosk_worker.tfs.client import InvalidModelInput, TFServingClient
-from kiosk_worker.tfs.protos import get_model_status_pb2, model_service_pb2_grpc
 from scipy.optimize import linear_sum_assignment
 from skimage.feature import peak_local_max
 from skimage.segmentation import watershed
@@ -28,6 +23,12 @@ from tensorflow_serving.apis import get_model_status_pb2 as tf_st
 from tensorflow_serving.apis import model_service_pb2_grpc as tf_ms_grpc
 from tensorflow_serving.apis import predict_pb2 as tf_predict
 from tensorflow_serving.apis import prediction_service_pb2_grpc as tf_ps_grpc
+
+from harness.ports import free_port
+from kiosk_model_server import ModelServer
+from kiosk_model_server.synthetic import make_cells, make_timelapse
+from kiosk_worker.tfs.client import InvalidModelInput, TFServingClient
+from kiosk_worker.tfs.protos import get_model_status_pb2, model_service_pb2_grpc
 
 
 def deep_watershed(foreground: np.ndarray, inner: np.ndarray) -> np.ndarray:

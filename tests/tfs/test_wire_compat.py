@@ -16,6 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf.descriptor import FieldDescriptor
+from tensorflow_serving.apis import get_model_metadata_pb2 as tf_md
+from tensorflow_serving.apis import get_model_status_pb2 as tf_st
+from tensorflow_serving.apis import model_service_pb2 as tf_ms
+from tensorflow_serving.apis import predict_pb2 as tf_predict
+from tensorflow_serving.apis import prediction_service_pb2 as tf_ps
+
 from kiosk_worker.tfs import messages, tensor
 from kiosk_worker.tfs.protos import (
     get_model_metadata_pb2,
@@ -25,11 +31,6 @@ from kiosk_worker.tfs.protos import (
     prediction_service_pb2,
     tensor_pb2,
 )
-from tensorflow_serving.apis import get_model_metadata_pb2 as tf_md
-from tensorflow_serving.apis import get_model_status_pb2 as tf_st
-from tensorflow_serving.apis import model_service_pb2 as tf_ms
-from tensorflow_serving.apis import predict_pb2 as tf_predict
-from tensorflow_serving.apis import prediction_service_pb2 as tf_ps
 
 DTYPES = [np.float32, np.uint8, np.int32, np.float16, np.float64, np.int8, np.int16,
           np.int64, np.uint16, np.uint32, np.uint64, np.bool_, np.complex64, np.complex128]

@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 import numpy as np
+
+from kiosk_model_server.models import InputError, Model, build_model
 from kiosk_worker.tfs.messages import decode_predict_request, encode_predict_response
 from kiosk_worker.tfs.protos import get_model_metadata_pb2, get_model_status_pb2, meta_graph_pb2
 from kiosk_worker.tfs.tensor import to_tf_dtype
-
-from kiosk_model_server.models import InputError, Model, build_model
 
 __all__ = ["ModelServer", "status_code"]
 

@@ -104,7 +104,7 @@ def parse_processing_key(key: str) -> tuple[str, str] | None:
 
 def utc_now_iso() -> str:
     """Kiosk timestamps: ISO 8601 in UTC with a trailing 'Z'."""
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     return now.isoformat(timespec="microseconds") + "Z"
 
 
@@ -317,7 +317,7 @@ def measure_depth(client: redis.Redis, queues: Iterable[str], with_info: bool = 
     replies = pipe.execute()
     pending = sum(replies[0::2])
     registered: list[tuple[str, str, float]] = []
-    for queue, members in zip(queues, replies[1::2]):
+    for queue, members in zip(queues, replies[1::2], strict=True):
         registered.extend((queue, _text(name), float(score)) for name, score in members)
     if not registered:
         return QueueDepth(pending, 0, ())
