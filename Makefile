@@ -47,8 +47,8 @@ protos: venv
 bench: deps venv cluster-binaries
 	$(PY) -m bench.run
 
-demo: deps venv
-	$(PY) -m kiosk_operator.demo
+demo:
+	bash tools/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
@@ -21,22 +20,6 @@ def own_namespace() -> str | None:
     if SA_NAMESPACE_FILE.exists():
         return SA_NAMESPACE_FILE.read_text().strip() or None
     return None
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        for key in ("k8s_namespace", "k8s_name"):
-            if hasattr(record, key):
-                data[key] = getattr(record, key)
-        return json.dumps(data)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,18 +53,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(json_logs: bool, verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("kubernetes", "urllib3", "aiohttp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--local" in argv:  # local mode has its own options (kiosk_operator.local)
@@ -92,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(local.main(argv) or 0)
     args = parser().parse_args(argv)
-    setup_logging(args.log_json, args.verbose)
 
     import kopf
 
@@ -100,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # Job mode handlers live in their own module when present.
         importlib.import_module("kiosk_operator.jobmode")
-    except ModuleNotFoundError:
-        pass
+    except ModuleNotFoundError as exc:
+        if exc.name != "kiosk_operator.jobmode":
+            raise
 
     if args.all_namespaces:
         scope = {"clusterwide": True}
@@ -115,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         scope = {"namespaces": namespaces}
-    metrics.serve(args.metrics_port)
-    logging.getLogger("kiosk_operator").info(
-        "watching %s", "all namespaces" if args.all_namespaces else ", ".join(scope["namespaces"])
-    )
     kopf.configure(
         verbose=args.verbose, log_format=kopf.LogFormat.JSON if args.log_json else kopf.LogFormat.PLAIN
+    )
+    try:
+        metrics.serve(args.metrics_port)
+    except OSError as exc:
+        print(f"kiosk-operator: cannot serve metrics on port {args.metrics_port}: {exc.strerror}", file=sys.stderr)
+        return 2
+    logging.getLogger("kiosk_operator").info(
+        "watching %s", "all namespaces" if args.all_namespaces else ", ".join(scope["namespaces"])
     )
     kopf.run(standalone=True, liveness_endpoint=args.liveness or None, **scope)
     return 0

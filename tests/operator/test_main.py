@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import subprocess
 import sys
 
-from kiosk_operator.__main__ import JsonFormatter, own_namespace, parser
+from kiosk_operator.__main__ import own_namespace, parser
 
 
 def test_no_namespace_is_a_one_line_error(monkeypatch):
@@ -26,9 +24,3 @@ def test_options():
 def test_own_namespace_from_env(monkeypatch):
     monkeypatch.setenv("POD_NAMESPACE", "kiosk")
     assert own_namespace() == "kiosk"
-
-
-def test_json_log_lines():
-    record = logging.LogRecord("kiosk_operator", logging.WARNING, __file__, 1, "pool %s", ("a",), None)
-    data = json.loads(JsonFormatter().format(record))
-    assert data["level"] == "WARNING" and data["message"] == "pool a"
