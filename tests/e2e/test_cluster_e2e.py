@@ -111,6 +111,7 @@ def test_job_mode_pool_end_to_end(operator, api, kubelet, k8s_cluster, k8s_names
 
     assert jobs() == []  # nothing for an empty queue
     truths = submit_cells(redis_client, bucket, JOBS)
+    wait_for(jobs, T, "worker Jobs created by the operator for the queued items")
     seen: set[str] = set()
 
     def all_done() -> bool:

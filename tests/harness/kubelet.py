@@ -292,7 +292,7 @@ class KubeletPlayer:
         """Stop watching, SIGTERM every process, SIGKILL what is left after its grace (capped)."""
         self._stop.set()
         with self._lock:
-            procs = [p for p in self.processes.values() if p.running]
+            procs = [p for p in self._by_uid.values() if p.running]
             for p in procs:
                 self._terminate(p, min(p.grace, timeout), "player stopping")
         deadline = time.monotonic() + timeout
@@ -314,8 +314,9 @@ class KubeletPlayer:
     # ----------------------------------------------------------------- queries
 
     def running(self) -> list[PodProcess]:
+        """Processes alive right now (also those draining after their pod went away)."""
         with self._lock:
-            return [p for p in self.processes.values() if p.running]
+            return [p for p in self._by_uid.values() if p.running]
 
     def describe(self) -> str:
         """One line per process, for assertion messages."""
@@ -385,7 +386,7 @@ class KubeletPlayer:
                     grace = meta.get("deletionGracePeriodSeconds")
                     self._terminate(proc, proc.grace if grace is None else float(grace), "pod deleted")
                 return
-            if proc is not None or (pod.get("status") or {}).get("phase") != "Running":
+            if proc is not None or (pod.get("status") or {}).get("phase") != "Running" or self._stop.is_set():
                 return
             try:
                 self._start(pod)

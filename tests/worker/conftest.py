@@ -1,31 +1,17 @@
-"""Fixtures for worker tests: a real model server over gRPC, a file:// bucket, worker settings.
+"""Fixtures for worker tests: a real model server over gRPC, a file:// bucket.
 
-Jobs are written with ``protocol.submit_job`` exactly as the Kiosk frontend
-writes them; the worker runs in-process (``run_batch``) or as the
-``kiosk-worker`` console script (``spawn_worker``).
+Helper functions (worker_env, settings_for, run_batch, submit, ...) live in
+``workerkit.py``.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-import redis
-import tifffile
-from scipy.optimize import linear_sum_assignment
 
 from kiosk_model_server import ModelServer
-from kiosk_worker import protocol
-from kiosk_worker.runner import Runner
-from kiosk_worker.settings import Settings, load_settings
-
-WORKER_BIN = Path(sys.executable).with_name("kiosk-worker")
 
 
 @pytest.fixture(scope="session")
@@ -51,84 +37,3 @@ def bucket(tmp_path: Path) -> Path:
     return path
 
 
-def worker_env(redis_server, server: ModelServer, bucket: Path, **extra: object) -> dict[str, str]:
-    """Environment of a test worker: short timeouts, bounded retries, file:// storage."""
-    env = {
-        **redis_server.env(),
-        "TF_HOST": "127.0.0.1",
-        "TF_PORT": str(server.port),
-        "STORAGE_BUCKET": f"file://{bucket}",
-        "QUEUE": "segmentation",
-        "CONSUMER_TYPE": "segmentation",
-        "EMPTY_QUEUE_TIMEOUT": "0.3",
-        "HEARTBEAT_INTERVAL": "0.2",
-        "GRPC_TIMEOUT": "10",
-        "GRPC_BACKOFF": "0.01",
-        "MAX_RETRY": "2",
-        "STORAGE_BACKOFF": "0.01",
-        "STORAGE_MAX_RETRY": "1",
-        "WORKER_NAME": "test-worker",
-        "LOG_LEVEL": "DEBUG",
-    }
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def settings_for(redis_server, server: ModelServer, bucket: Path, **extra: object) -> Settings:
-    return load_settings(worker_env(redis_server, server, bucket, **extra))
-
-
-def run_batch(settings: Settings, max_jobs: int = 1000) -> Runner:
-    """Run an in-process batch worker until the queue is empty; returns it for its stats."""
-    runner = Runner(settings, max_jobs=max_jobs)
-    assert runner.run() == 0
-    return runner
-
-
-def spawn_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    full = {**os.environ, **env}
-    return subprocess.Popen([str(WORKER_BIN), *args], env=full, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def save_tiff(bucket: Path, name: str, image: np.ndarray) -> str:
-    tifffile.imwrite(bucket / name, image)
-    return name
-
-
-def submit(client: redis.Redis, name: str, model: str = "segmentation", version: str = "1",
-           queue: str = "segmentation", **extra: str) -> str:
-    return protocol.submit_job(client, queue, name, model, version, **extra)
-
-
-def result_labels(bucket: Path, job: dict[str, str]) -> list[np.ndarray]:
-    """Label TIFFs inside the job's result zip, in name order."""
-    zip_path = Path(job["output_url"])
-    assert zip_path.is_file(), job
-    assert zip_path.resolve().is_relative_to(bucket.resolve())
-    out = []
-    with zipfile.ZipFile(zip_path) as zf:
-        for member in sorted(zf.namelist()):
-            with zf.open(member) as fh:
-                out.append(tifffile.imread(fh))
-    return out
-
-
-def mean_matched_iou(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over true cells of the IoU with their optimally matched predicted cell (0 if none)."""
-    true_ids = [int(v) for v in np.unique(truth) if v]
-    pred_ids = [int(v) for v in np.unique(pred) if v]
-    if not true_ids:
-        return 1.0 if not pred_ids else 0.0
-    col = {p: j for j, p in enumerate(pred_ids)}
-    ious = np.zeros((len(true_ids), max(1, len(pred_ids))))
-    for i, t in enumerate(true_ids):
-        tmask = truth == t
-        for p in np.unique(pred[tmask]):
-            if p:
-                pmask = pred == p
-                ious[i, col[int(p)]] = (tmask & pmask).sum() / (tmask | pmask).sum()
-    rows, cols = linear_sum_assignment(-ious)
-    scores = np.zeros(len(true_ids))
-    scores[rows] = ious[rows, cols]
-    return float(scores.mean())

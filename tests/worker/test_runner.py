@@ -10,8 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from workerkit import run_batch, save_tiff, settings_for, spawn_worker, submit, worker_env
 
-from conftest import run_batch, save_tiff, settings_for, spawn_worker, submit, worker_env
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer
 from kiosk_model_server.synthetic import make_cells

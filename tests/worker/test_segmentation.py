@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+from workerkit import mean_matched_iou, result_labels, run_batch, save_tiff, settings_for, submit
 
-from conftest import mean_matched_iou, result_labels, run_batch, save_tiff, settings_for, submit
 from kiosk_model_server import ModelServer
 from kiosk_model_server.synthetic import make_cells
 from kiosk_worker import protocol
