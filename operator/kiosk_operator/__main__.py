@@ -68,12 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from kiosk_operator import handlers, metrics  # noqa: F401  (registers the handlers)
 
-    try:  # Job mode handlers live in their own module when present.
-        importlib.import_module("kiosk_operator.jobmode")
-    except ModuleNotFoundError as exc:
-        if exc.name != "kiosk_operator.jobmode":
-            raise
-
     if args.all_namespaces:
         scope = {"clusterwide": True}
     else:

@@ -12,11 +12,16 @@ import redis
 
 from kiosk_operator.spec import RedisSpec
 from kiosk_worker import protocol
+from kiosk_worker.protocol import WorkerState
 from kiosk_worker.redis_conn import connect
 from kiosk_worker.settings import Settings
 
 #: Seconds a registered worker may miss heartbeats before it no longer counts as busy.
 HEARTBEAT_SLACK = 3.0
+
+#: Heartbeat info fields written by kiosk_worker.runner (RunStats.info): per-item service time.
+SERVICE_SAMPLES_FIELD = "service_time_samples"
+SERVICE_MEAN_FIELD = "service_time_ewma"
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class Measurement:
     live_workers: frozenset[str]
     mean_service_seconds: float | None
     service_samples: int
+    #: Every registered worker as read (reclaim reuses them instead of reading again).
+    workers: tuple[WorkerState, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -47,10 +54,10 @@ def measure(
             live.add(w.name)
             if w.in_flight > 0:
                 busy.add(w.name)
-        # Workers may report a running mean of their per-item service time (drain-time scaling).
+        # Workers report a smoothed per-item service time (drain-time scaling).
         try:
-            n = int(w.info.get("service_samples", "0") or 0)
-            mean = float(w.info.get("service_mean", "0") or 0)
+            n = int(w.info.get(SERVICE_SAMPLES_FIELD, "0") or 0)
+            mean = float(w.info.get(SERVICE_MEAN_FIELD, "0") or 0)
         except ValueError:
             continue
         if n > 0 and mean > 0:
@@ -58,7 +65,7 @@ def measure(
             samples += n
     mean_service = total_time / samples if samples else None
     return Measurement(
-        depth.pending, depth.in_flight, frozenset(busy), frozenset(live), mean_service, samples
+        depth.pending, depth.in_flight, frozenset(busy), frozenset(live), mean_service, samples, depth.workers
     )
 
 

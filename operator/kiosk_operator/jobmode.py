@@ -128,9 +128,9 @@ class JobResult:
         return self.plan.active + len(self.created)
 
 
-def list_pool_jobs(batch_v1: Any, namespace: str, pool_name: str) -> list[JobView]:
+def list_pool_jobs(batch_v1: Any, namespace: str, pool_name: str, **request: Any) -> list[JobView]:
     selector = manifests.label_selector(pool_name, manifests.JOB_COMPONENT)
-    items = batch_v1.list_namespaced_job(namespace, label_selector=selector).items
+    items = batch_v1.list_namespaced_job(namespace, label_selector=selector, **request).items
     return [job_view(j) for j in items]
 
 
@@ -141,17 +141,20 @@ def reconcile_jobs(
     spec: PoolSpec,
     pending_items: int,
     owner: Mapping[str, Any] | None = None,
+    request_timeout: float | None = None,
 ) -> JobResult:
     """One Job-mode reconcile: list the pool's Jobs, create the missing ones, prune history.
 
     ``batch_v1`` is a ``kubernetes.client.BatchV1Api``; ``owner`` the pool body (kopf's
     ``body``) so that created Jobs are adopted and garbage-collected with the pool.
-    Call it from the pool's timer when ``spec.scaling.mode == "Job"``, with
+    The operator calls it every polling interval (reconcile.job_cycle) in Job mode, with
     ``pending_items`` = LLEN of the pool's queues (in-flight items are already taken).
+    ``request_timeout`` bounds each API call, so a silent API server cannot stall the pool's loop.
     """
     from kubernetes.client.exceptions import ApiException
 
-    plan = plan_jobs(list_pool_jobs(batch_v1, namespace, pool_name), pending_items, spec)
+    request = {"_request_timeout": request_timeout} if request_timeout else {}
+    plan = plan_jobs(list_pool_jobs(batch_v1, namespace, pool_name, **request), pending_items, spec)
     created: list[str] = []
     for _ in range(plan.create):
         body = manifests.build_job(pool_name, namespace, spec, new_job_index())
@@ -159,12 +162,12 @@ def reconcile_jobs(
             import kopf
 
             kopf.adopt(body, owner=owner)  # type: ignore[arg-type]
-        batch_v1.create_namespaced_job(namespace, body)
+        batch_v1.create_namespaced_job(namespace, body, **request)
         created.append(body["metadata"]["name"])
     deleted: list[str] = []
     for name in plan.delete:
         try:
-            batch_v1.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            batch_v1.delete_namespaced_job(name, namespace, propagation_policy="Background", **request)
             deleted.append(name)
         except ApiException as err:
             if err.status != 404:

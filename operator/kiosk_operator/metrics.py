@@ -26,6 +26,15 @@ SCALE_EVENTS = Counter(
 REDIS_ERRORS = Counter(
     "kiosk_pool_redis_errors", "Failed depth measurements (Redis unreachable).", _LABELS, registry=REGISTRY
 )
+JOBS_CREATED = Counter(
+    "kiosk_pool_jobs_created", "Worker Jobs created (Job mode).", _LABELS, registry=REGISTRY
+)
+RECLAIMED = Counter(
+    "kiosk_pool_reclaimed_items",
+    "Items taken back from the processing lists of gone workers (requeued, or dropped when finished).",
+    (*_LABELS, "outcome"),
+    registry=REGISTRY,
+)
 RECONCILE_SECONDS = Histogram(
     "kiosk_pool_reconcile_seconds",
     "Time of one scaling cycle of one pool.",

@@ -1,8 +1,10 @@
 """One pool's reconciliation, outside kopf: ensure its Deployment, and one scaling cycle.
 
+A cycle measures depth, reclaims the items of gone workers (kiosk_operator.reclaim),
+then scales: Deployment replicas, or worker Jobs in Job mode (kiosk_operator.jobmode).
 Synchronous and explicit about its inputs (Kube, Redis clients, the pool object, the
 pool's in-memory state, the clock) so that kopf handlers stay thin and other run modes
-(Job mode, local mode) can reuse the pieces. Decisions come from kiosk_operator.scaling.
+(local mode) can reuse the pieces. Decisions come from kiosk_operator.scaling.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import kopf
 import redis
 from kubernetes.client.rest import ApiException
 
-from kiosk_operator import manifests, metrics
+from kiosk_operator import jobmode, manifests, metrics, reclaim
 from kiosk_operator.depth import HEARTBEAT_SLACK, Measurement, RedisClients, measure
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
@@ -30,6 +32,8 @@ log = logging.getLogger("kiosk_operator")
 BUSY_COST = 100_000
 IDLE_COST = -100_000
 MAX_REDIS_BACKOFF = 30.0
+#: Seconds between reclaim passes of a pool (the first pass runs at the first cycle).
+RECLAIM_EVERY = 5.0
 
 
 @dataclass
@@ -43,6 +47,9 @@ class PoolState:
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)
     model_server_replicas: int | None = None
+    mode: str | None = None
+    last_reclaim: float | None = None
+    reclaimed: int | None = None
 
 
 @dataclass
@@ -224,6 +231,8 @@ def scaling_cycle(
         client = clients.get(spec.redis, password)
         ttl = spec.worker.heartbeat_interval_seconds * 3 + HEARTBEAT_SLACK
         m: Measurement = measure(client, spec.queues, t, heartbeat_ttl=ttl)
+        if reclaim_step(kube, client, pool, spec, m, state, events, t, logger):
+            m = measure(client, spec.queues, t, heartbeat_ttl=ttl)  # reclaimed items are pending again
     except (redis.RedisError, OSError, LookupError) as exc:
         state.redis_failures += 1
         metrics.REDIS_ERRORS.labels(*labels).inc()
@@ -252,10 +261,15 @@ def scaling_cycle(
     )
 
     if spec.scaling.mode != "Deployment":
-        # Job mode is driven by its own cycle (kiosk_operator.jobmode); nothing to do here.
-        MODE_CYCLES.get(spec.scaling.mode, _no_cycle)(kube, pool, spec, m, state, events, t)
-        write_status(kube, ns, name, state, _status_fields(m, meta, state))
+        # Other modes (Job) have their own cycle; it returns extra status fields.
+        extra = MODE_CYCLES.get(spec.scaling.mode, _no_cycle)(kube, pool, spec, m, state, events, t)
+        state.mode = spec.scaling.mode
+        fields = _status_fields(m, meta, state)
+        fields.update(extra or {})
+        write_status(kube, ns, name, state, fields)
+        metrics.RECONCILE_SECONDS.labels(*labels).observe(time.perf_counter() - started)
         return CycleResult(interval, events)
+    state.mode = spec.scaling.mode
 
     # 2. Decide.
     dep_name = manifests.deployment_name(name)
@@ -320,12 +334,136 @@ def scaling_cycle(
 
 
 def _status_fields(m: Measurement, meta: dict[str, Any], state: PoolState) -> dict[str, Any]:
-    return {
+    fields = {
         "pending": m.pending,
         "inFlight": m.in_flight,
         "busy": len(m.busy_workers),
         "lastActiveTime": iso(state.last_active) if state.last_active else None,
         "observedGeneration": meta.get("generation"),
+    }
+    if state.reclaimed is not None:
+        fields["reclaimed"] = state.reclaimed
+    return fields
+
+
+# --- reclaim (the Kiosk janitor, built in) ----------------------------------------------------
+
+
+def reclaim_step(
+    kube: Kube,
+    client: redis.Redis,
+    pool: dict[str, Any],
+    spec: PoolSpec,
+    m: Measurement,
+    state: PoolState,
+    events: list[Event],
+    now: float,
+    logger: Any = log,
+) -> bool:
+    """Give the items of gone workers back to their queues; True when anything moved.
+
+    Runs every RECLAIM_EVERY seconds. A worker is gone when its heartbeat expired and its
+    pod is missing or terminated (reclaim.kube_pod_alive), so a slow heartbeat alone never
+    takes an item away from a live worker. Redis errors propagate (the caller's Redis path).
+    """
+    if not spec.reclaim.enabled:
+        return False
+    if state.last_reclaim is not None and now - state.last_reclaim < RECLAIM_EVERY:
+        return False
+    state.last_reclaim = now
+    meta = pool["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    if state.reclaimed is None:
+        state.reclaimed = int((pool.get("status") or {}).get("reclaimed") or 0)
+    report = reclaim.reclaim_queues(
+        client,
+        spec.queues,
+        reclaim.kube_pod_alive(kube.core, ns),
+        ttl=spec.worker.heartbeat_interval_seconds * 3 + HEARTBEAT_SLACK,
+        now=now,
+        legacy=spec.reclaim.legacy_processing_lists,
+        workers=m.workers,
+    )
+    if not report.moved:
+        return False
+    state.reclaimed += report.requeued
+    if report.requeued:
+        metrics.RECLAIMED.labels(ns, name, "requeued").inc(report.requeued)
+    if report.dropped:
+        metrics.RECLAIMED.labels(ns, name, "dropped").inc(report.dropped)
+    gone = ", ".join(sorted(set(report.workers))[:10])
+    message = (
+        f"returned {report.requeued} items of gone workers ({gone}) to their queues"
+        + (f"; dropped {report.dropped} already finished" if report.dropped else "")
+    )
+    events.append(Event("Normal", "Reclaimed", message))
+    logger.info("pool %s/%s: %s", ns, name, message)
+    return True
+
+
+# --- Job mode ---------------------------------------------------------------------------------
+
+
+def job_cycle(
+    kube: Kube,
+    pool: dict[str, Any],
+    spec: PoolSpec,
+    m: Measurement,
+    state: PoolState,
+    events: list[Event],
+    now: float,
+) -> dict[str, Any]:
+    """Job mode: no worker Deployment; Jobs cover the pending items (jobmode.reconcile_jobs).
+
+    Returns the status fields of the mode (workers, desired, activeJobs, selector).
+    """
+    meta = pool["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    labels = (ns, name)
+    if state.mode != "Job":  # entering Job mode (start, or switched from Deployment mode)
+        dep_name = manifests.deployment_name(name)
+        dep = kube.get_deployment(ns, dep_name)
+        if dep is not None and int(dep.get("spec", {}).get("replicas") or 0) > 0:
+            kube.scale_deployment(ns, dep_name, 0)
+            message = f"worker Deployment {dep_name} scaled to 0: the pool is in Job mode"
+            events.append(Event("Normal", "DeploymentScaledDown", message))
+    result = jobmode.reconcile_jobs(
+        kube.batch, ns, name, spec, m.pending, owner=pool, request_timeout=kube.timeout
+    )
+    if m.depth > 0 or result.active > 0:
+        state.last_active = now
+    elif state.last_active is None:
+        state.last_active = now
+    if result.created:
+        state.last_scale_time = iso(now)
+        metrics.JOBS_CREATED.labels(*labels).inc(len(result.created))
+        metrics.SCALE_EVENTS.labels(*labels, "up").inc()
+        shown = ", ".join(result.created[:5]) + (", ..." if len(result.created) > 5 else "")
+        events.append(
+            Event(
+                "Normal",
+                "JobsCreated",
+                f"created {len(result.created)} worker Jobs ({shown}) for {m.pending} pending items, "
+                f"{result.plan.active} Jobs already active, batch size {spec.scaling.batch_size}",
+            )
+        )
+    scale_model_server(kube, ns, spec, result.active > 0 or m.pending > 0, state, events)
+    metrics.QUEUE_PENDING.labels(*labels).set(m.pending)
+    metrics.QUEUE_IN_FLIGHT.labels(*labels).set(m.in_flight)
+    metrics.WORKERS_DESIRED.labels(*labels).set(result.active)
+    metrics.WORKERS_CURRENT.labels(*labels).set(result.active)
+    metrics.WORKERS_BUSY.labels(*labels).set(len(m.busy_workers))
+    reason = (
+        f"{len(result.created)} Jobs created, {result.active} active" if result.created
+        else f"{result.active} Jobs active ({result.plan.pending_pods} not running yet)"
+    )
+    set_condition(state, "ScalingActive", True, "Scaling" if result.created else "Stable", reason, now)
+    set_condition(state, "Ready", True, "JobMode", f"{result.active} worker Jobs active", now)
+    return {
+        "workers": result.active,
+        "desired": result.active,
+        "activeJobs": result.active,
+        "selector": manifests.label_selector(name, manifests.JOB_COMPONENT),
     }
 
 
@@ -333,8 +471,9 @@ def _no_cycle(*_: Any) -> None:
     return None
 
 
-#: Other scaling modes plug in here: mode -> fn(kube, pool, spec, measurement, state, events, now).
-MODE_CYCLES: dict[str, Callable[..., None]] = {}
+#: Scaling modes other than Deployment: mode -> fn(kube, pool, spec, measurement, state, events, now)
+#: returning extra status fields (or None).
+MODE_CYCLES: dict[str, Callable[..., dict[str, Any] | None]] = {"Job": job_cycle}
 
 
 def write_status(kube: Kube, ns: str, name: str, state: PoolState, fields: dict[str, Any]) -> None:

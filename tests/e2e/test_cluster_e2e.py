@@ -137,6 +137,7 @@ def test_job_mode_pool_end_to_end(operator, api, kubelet, k8s_cluster, k8s_names
         player.describe()
     status = wait_for(lambda: (s := api.pool(POOL).get("status", {})).get("activeJobs") == 0 and s, T,
                       "status activeJobs 0")
-    assert (status["pending"], status["inFlight"]) == (0, 0), status
+    assert (status["pending"], status["inFlight"], status["workers"]) == (0, 0, 0), status
+    assert any(e["reason"] == "JobsCreated" for e in api.events(POOL))
     assert jobs() and len(jobs()) == len(seen)  # no new Job once the queue is empty
     assert operator.alive()

@@ -185,3 +185,24 @@ def test_deleted_pod_gets_sigterm_then_sigkill_after_grace(k8s_cluster, k8s_name
     assert proc.exit_code == -9 and "TERM" in proc.log() and "SIGKILL" in proc.log()
     wait_for(lambda: not k8s_cluster.exists(f"/api/v1/namespaces/{ns}/pods/stubborn"), 10, "pod gone")
     assert proc.restarts == 0
+
+
+def test_pod_with_missing_secret_starts_once_it_exists(k8s_cluster, k8s_namespace, kubelet):
+    """The kubelet's CreateContainerConfigError: no process until the Secret appears, then it runs."""
+    ns = k8s_namespace
+    player = kubelet("kp=late")
+    k8s_cluster.apply(json.dumps({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "late", "labels": {"kp": "late"}},
+        "spec": {"terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "c", "image": "x",
+            "command": ["python", "-c", "import os, time; print('token', os.environ['TOKEN'], flush=True); "
+                        "time.sleep(60)"],
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "late-secret", "key": "t"}}}]}]},
+    }), namespace=ns)
+    err = wait_for(lambda: player.errors.get("late"), TIMEOUT, "start refused for the missing Secret")
+    assert "Secret 'late-secret' not found" in err and "late" not in player.processes
+    k8s_cluster.apply(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late-secret"},
+                                  "stringData": {"t": "s3cr3t"}}), namespace=ns)
+    proc = wait_for(lambda: player.processes.get("late"), TIMEOUT, "process started after the Secret appeared")
+    wait_for(lambda: "token s3cr3t" in proc.log(), 20, "process saw the Secret's value")
+    assert "late" not in player.errors

@@ -1,21 +1,203 @@
-"""Job mode on the real local cluster: jobmode.reconcile_jobs against kube-apiserver + kwok.
+"""Job mode on the real local cluster (kube-apiserver + kwok).
 
-The test calls reconcile_jobs in a loop, as the operator's timer does, and plays the
-workers (a succeeded Job took its batch off the queue).
+The first tests run the real operator process (fixture ``operator``) on a Job-mode pool;
+the test plays kubelet and worker for each Job pod (takes up to batchSize items off the
+queue as ``kiosk-worker --max-jobs N`` does, then reports the pod Succeeded). The later
+ones drive jobmode.reconcile_jobs directly, as the operator's timer does.
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from operator_helpers import pool_manifest
 
+from harness.cluster import HARNESS_KUBELET_LABEL
+from harness.kubelet import terminal_status
 from harness.wait import wait_for
 from kiosk_operator import jobmode, manifests
 from kiosk_operator.spec import parse_spec
+from kiosk_worker import protocol
+from kiosk_worker.protocol import JobStore
 
 pytestmark = pytest.mark.cluster
 DELAY = "pod-complete.stage.kwok.x-k8s.io/delay"
+QUEUE = "segmentation"
+T = 60
+
+
+# --- the real operator ------------------------------------------------------------------------
+
+
+def _job_pool(name: str, redis_port: int, batch: int, max_workers: int, **worker) -> dict:
+    return pool_manifest(
+        name,
+        redis_port,
+        worker={"podLabels": {HARNESS_KUBELET_LABEL: "played-by-test"}, **worker},
+        scaling={
+            "mode": "Job",
+            "batchSize": batch,
+            "maxWorkers": max_workers,
+            "job": {"successfulJobsHistoryLimit": 3, "failedJobsHistoryLimit": 1, "ttlSecondsAfterFinished": 3600},
+        },
+    )
+
+
+def _push(client, n: int) -> list[str]:
+    return [protocol.submit_job(client, QUEUE, f"uploads/img{i}.tif", "segmentation", "1") for i in range(n)]
+
+
+def _metric(text: str, name: str, pool: str) -> float:
+    """Sum of a metric's samples for one pool in Prometheus text format (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'pool="{pool}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class JobRecorder:
+    """Polls the pool's Jobs: every Job ever seen, and the most active at one time."""
+
+    def __init__(self, api, pool: str) -> None:
+        self.api, self.pool = api, pool
+        self.seen: set[str] = set()
+        self.peak = 0
+        self.active = 0
+
+    def poll(self) -> list[dict]:
+        selector = manifests.label_selector(self.pool, manifests.JOB_COMPONENT)
+        jobs = self.api.c.get(f"/apis/batch/v1/namespaces/{self.api.ns}/jobs", labelSelector=selector)["items"]
+        self.seen.update(j["metadata"]["name"] for j in jobs)
+        self.active = sum(1 for j in jobs if jobmode.job_state(j) in jobmode.ACTIVE_STATES)
+        self.peak = max(self.peak, self.active)
+        return jobs
+
+
+class BatchPodPlayer:
+    """Plays kubelet + batch worker for the pool's Job pods, one batch per pod.
+
+    A Running pod takes up to ``batch`` items off the queue into its processing list and
+    finishes them (JobStore, as the worker does), stops at an empty queue, and is then
+    reported Succeeded, which the Job controller turns into a completed Job.
+    """
+
+    def __init__(self, api, client, pool: str, batch: int) -> None:
+        self.api, self.client, self.pool, self.batch = api, client, pool, batch
+        self.taken: dict[str, int] = {}
+
+    def step(self) -> None:
+        selector = manifests.label_selector(self.pool, manifests.JOB_COMPONENT)
+        for pod in self.api.pods(selector):
+            name = pod["metadata"]["name"]
+            if name in self.taken or pod["status"].get("phase") != "Running":
+                continue
+            store = JobStore(self.client, name)
+            taken = 0
+            while taken < self.batch and (key := store.pop(QUEUE, 0)):
+                store.finish(QUEUE, key, {"status": "done"})
+                taken += 1
+            self.taken[name] = taken
+            started = pod["status"].get("startTime") or pod["metadata"]["creationTimestamp"]
+            self.api.c.request(
+                "PATCH",
+                f"/api/v1/namespaces/{self.api.ns}/pods/{name}/status",
+                terminal_status(pod, 0, started),
+                content_type="application/strategic-merge-patch+json",
+            )
+
+
+def test_operator_250_items_batch_25_exactly_10_jobs(operator, api, redis_server, redis_client):
+    keys = _push(redis_client, 250)  # before the pool: no Job pod ever sees a half-filled queue
+    api.create_pool(_job_pool("burst", redis_server.port, batch=25, max_workers=50))
+    jobs, player = JobRecorder(api, "burst"), BatchPodPlayer(api, redis_client, "burst", 25)
+
+    def all_done() -> bool:
+        jobs.poll()
+        player.step()
+        jobs.poll()
+        return redis_client.llen(QUEUE) == 0 and jobs.active == 0 and len(player.taken) == len(jobs.seen)
+
+    wait_for(all_done, 120, "250 items taken by the pool's Jobs", interval=0.1, max_interval=0.2)
+    assert len(jobs.seen) == 10, sorted(jobs.seen)
+    assert jobs.peak == 10
+    assert sorted(player.taken.values()) == [25] * 10
+    assert all(redis_client.hget(k, "status") == "done" for k in keys)
+    # The operator's own count agrees (a Job created and pruned between two polls would show here).
+    assert _metric(operator.metrics(), "kiosk_pool_jobs_created_total", "burst") == 10
+    # Job mode runs no worker Deployment.
+    assert api.deployment(manifests.deployment_name("burst")) is None
+    # History limit: only the 3 newest succeeded Jobs are kept.
+    wait_for(lambda: len(jobs.poll()) == 3, T, "succeeded Jobs pruned to the history limit 3")
+    assert len(jobs.seen) == 10
+    status = wait_for(
+        lambda: (s := api.pool("burst").get("status", {})).get("activeJobs") == 0 and s, T, "activeJobs 0"
+    )
+    assert status["pending"] == 0 and status["workers"] == 0
+    created = [e for e in api.events("burst") if e["reason"] == "JobsCreated"]
+    assert sum(int(re.search(r"created (\d+) worker Jobs", e["message"]).group(1)) * e.get("count", 1)
+               for e in created) == 10
+    # Nothing left for a reclaim: every taken item was finished.
+    assert not [k for k in redis_client.keys("processing-*")]
+
+
+def test_operator_pending_pods_do_not_trigger_extra_jobs(operator, api, redis_server, redis_client):
+    _push(redis_client, 100)
+    api.create_pool(
+        _job_pool("stuck", redis_server.port, batch=10, max_workers=100,
+                  nodeSelector={"kiosk-test/no-such-node": "true"})
+    )
+    jobs = JobRecorder(api, "stuck")
+    wait_for(lambda: len(jobs.poll()) == 10, T, "10 Jobs for 100 items")
+    selector = manifests.label_selector("stuck", manifests.JOB_COMPONENT)
+
+    def unschedulable() -> bool:
+        pods = api.pods(selector)
+        return len(pods) == 10 and all(
+            p["status"].get("phase") == "Pending"
+            and any(c["type"] == "PodScheduled" and c["status"] == "False" for c in p["status"].get("conditions", []))
+            for p in pods
+        )
+
+    wait_for(unschedulable, T, "10 unschedulable pods")
+
+    def cycles() -> float:
+        return _metric(operator.metrics(), "kiosk_pool_reconcile_seconds_count", "stuck")
+
+    def after_cycles(n: int) -> None:
+        target = cycles() + n
+        wait_for(lambda: (jobs.poll(), cycles() >= target)[1], T, f"{n} more operator cycles")
+
+    after_cycles(10)  # poll after poll, the Pending Jobs still cover the queue
+    assert len(jobs.seen) == 10 and jobs.peak == 10
+    assert _metric(operator.metrics(), "kiosk_pool_jobs_created_total", "stuck") == 10
+    # Items beyond what the Pending Jobs cover do get Jobs: 25 more -> ceil(25 / 10) = 3.
+    _push(redis_client, 25)
+    wait_for(lambda: len(jobs.poll()) == 13, T, "3 more Jobs for 25 more items")
+    after_cycles(10)
+    assert len(jobs.seen) == 13 and jobs.peak == 13
+    status = api.pool("stuck")["status"]
+    assert status["activeJobs"] == 13 and status["pending"] == 125
+
+
+def test_switch_to_job_mode_scales_deployment_to_zero(operator, api, redis_server, redis_client):
+    api.create_pool(pool_manifest("flip", redis_server.port, scaling={"minWorkers": 1, "maxWorkers": 3}))
+    dep = manifests.deployment_name("flip")
+    wait_for(lambda: api.replicas(dep) == 1, T, "Deployment with minWorkers 1")
+    api.patch_pool("flip", {"spec": {"scaling": {"mode": "Job", "minWorkers": 0, "batchSize": 5},
+                                     "worker": {"podLabels": {HARNESS_KUBELET_LABEL: "played-by-test"}}}})
+    wait_for(lambda: api.replicas(dep) == 0, T, "worker Deployment scaled to 0 in Job mode")
+    _push(redis_client, 12)
+    jobs = JobRecorder(api, "flip")
+    wait_for(lambda: len(jobs.poll()) == 3, T, "ceil(12 / 5) = 3 Jobs")
+    assert api.replicas(dep) == 0
+    assert any(e["reason"] == "DeploymentScaledDown" for e in api.events("flip"))
+
+
+# --- jobmode.reconcile_jobs driven by the test ------------------------------------------------
 
 
 @pytest.fixture()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 
 import grpc
@@ -11,6 +12,7 @@ from google.protobuf import json_format
 
 from harness.ports import free_port
 from kiosk_model_server import ModelServer
+from kiosk_worker.retry import capped_delay, jittered_delay
 from kiosk_worker.tfs.client import (
     InvalidModelInput,
     MessageTooLarge,
@@ -116,7 +118,18 @@ def test_backoff_grows_capped_with_jitter(model_server: ModelServer) -> None:
     tfs.close()
     bases = [0.001, 0.002, 0.004, 0.004]
     assert len(waits) == 4
-    assert all(0.5 * b <= w <= b for w, b in zip(waits, bases, strict=True)), waits
+    assert all(0.0 <= w <= b for w, b in zip(waits, bases, strict=True)), waits  # full jitter
+
+
+def test_backoff_is_the_shared_retry_formula() -> None:
+    """One backoff formula in the project: the client draws from retry.jittered_delay."""
+    tfs = TFServingClient("127.0.0.1", 1, backoff=0.5, max_backoff=3.0)
+    for n in range(6):
+        random.seed(n)
+        ours = tfs.delay(n)
+        random.seed(n)
+        assert ours == jittered_delay(n, 0.5, 3.0)
+        assert 0.0 <= ours <= capped_delay(n, 0.5, 3.0)
 
 
 def test_gives_up_after_max_retries(client: TFServingClient, model_server: ModelServer) -> None:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kiosk_worker.retry import backoff_delays, capped_delay, retry_call
+from kiosk_worker.retry import backoff_delays, capped_delay, jittered_delay, retry_call
 
 
 class Flaky:
@@ -42,6 +42,15 @@ def test_backoff_delays_full_jitter_within_bounds() -> None:
     last = [delays[-1] for delays in rounds]
     assert min(last) < 0.2 and max(last) > 0.8
     assert len(set(last)) > 250
+
+
+def test_jittered_delay_is_the_formula_backoff_delays_yields() -> None:
+    expected = [jittered_delay(n, 0.3, 2.0, random.Random(n)) for n in range(6)]
+    for n, delay in enumerate(expected):
+        assert 0.0 <= delay <= capped_delay(n, 0.3, 2.0)
+    rng = random.Random(11)
+    twin = random.Random(11)
+    assert list(backoff_delays(0.3, 2.0, 6, rng=rng)) == [jittered_delay(n, 0.3, 2.0, twin) for n in range(6)]
 
 
 def test_backoff_delays_reproducible_with_seed_and_unbounded_without_count() -> None:

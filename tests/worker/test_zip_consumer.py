@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis
 import tifffile
+from workerkit import StatusRecorder
 
 from harness.redis_server import RedisServer
 from harness.wait import wait_for
@@ -185,6 +186,22 @@ def test_zip_fans_out_and_collects_every_result(client: redis.Redis, bucket: Pat
             labels = tifffile.imread(io.BytesIO(zf.read(entries[0])))
             assert labels.shape == truth.shape
             assert matched_iou(labels, truth) >= 0.7
+
+
+def test_parent_status_order_is_new_waiting_done(client: redis.Redis, bucket: Path) -> None:
+    """DESIGN §2: a zip parent goes new -> waiting -> done, never 'started' on its visits;
+    its children go through the single-image order."""
+    images = {f"img_{i}.tif": make_cells((32, 32), n_cells=2, seed=i)[0] for i in range(2)}
+    with StatusRecorder(client) as recorder:
+        key = submit(client, bucket, "order.zip", {n: tiff_bytes(img) for n, img in images.items()})
+        job = wait_finished(client, key)
+        wait_for(lambda: recorder.statuses(key)[-1:] == ["done"], timeout=10, message="done observed")
+    assert job["status"] == "done", job.get("reason")
+    assert recorder.statuses(key) == ["new", "waiting", "done"]
+    assert "identity_started" not in job
+    for child in zipjobs.split_keys(job["children"]):
+        assert recorder.statuses(child) == ["new", "started", "pre-processing", "predicting",
+                                            "post-processing", "saving-results", "done"]
 
 
 def test_corrupt_member_fails_only_its_child(client: redis.Redis, bucket: Path) -> None:

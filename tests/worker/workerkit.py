@@ -108,3 +108,51 @@ def mean_matched_iou(pred: np.ndarray, truth: np.ndarray) -> float:
     scores = np.zeros(len(true_ids))
     scores[rows] = ious[rows, cols]
     return float(scores.mean())
+
+
+class StatusRecorder:
+    """Every ``status`` value written to chosen job hashes, in server order (Redis MONITOR).
+
+    MONITOR also shows writes made inside Lua scripts and MULTI blocks, so a status
+    that lives for a microsecond (``started``) is seen too, which polling cannot promise.
+    Use as a context manager; ``statuses(key)`` collapses repeats of the same status.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        import threading
+
+        self._client = client
+        self._events: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monitor", daemon=True)
+
+    def __enter__(self) -> StatusRecorder:
+        self._thread.start()
+        assert self._ready.wait(10), "MONITOR did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._client.ping()  # wakes the monitor so the thread can end
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        with self._client.monitor() as mon:
+            self._ready.set()
+            for event in mon.listen():
+                if self._stop.is_set():
+                    return
+                tokens = event["command"].split(" ")
+                if tokens[0].upper() != "HSET" or len(tokens) < 4:
+                    continue
+                fields = dict(zip(tokens[2::2], tokens[3::2], strict=False))
+                if "status" in fields:
+                    with self._lock:
+                        self._events.append((tokens[1], fields["status"]))
+
+    def statuses(self, key: str) -> list[str]:
+        with self._lock:
+            seen = [status for k, status in self._events if k == key]
+        return [s for i, s in enumerate(seen) if i == 0 or seen[i - 1] != s]

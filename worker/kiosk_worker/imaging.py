@@ -77,10 +77,7 @@ def read_header(path: str) -> ImageInfo:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                if not tif.series:
-                    raise BadImage(f"TIFF '{name}' contains no image")
-                series = tif.series[0]
-                return ImageInfo(fmt, tuple(int(s) for s in series.shape), str(series.dtype))
+                return _tiff_info(tif, name)
         if fmt == "npy":
             fmt_mod = np.lib.format
             with open(path, "rb") as fh:
@@ -170,15 +167,54 @@ def load_image(path: str, max_height: int = 8192, max_width: int = 8192,
     """Header check, then decode; returns the raw array (any rank)."""
     if not os.path.isfile(path):
         raise InputMissing(f"input file not found: {os.path.basename(path)}")
-    info = read_header(path)
+    if detect_format(path) == "tiff":
+        array = _load_tiff(path, max_height, max_width, dimension_order)
+    else:
+        array = _load_other(path, read_header(path), max_height, max_width, dimension_order)
+    name = os.path.basename(path)
+    if array.dtype.kind not in "biuf":
+        raise BadImage(f"image '{name}' has unsupported pixel type {array.dtype}")
+    if array.size == 0:
+        raise BadImage(f"image '{name}' is empty")
+    return array
+
+
+def _tiff_info(tif: object, name: str) -> ImageInfo:
+    series = tif.series  # type: ignore[attr-defined]
+    if not series:
+        raise BadImage(f"TIFF '{name}' contains no image")
+    return ImageInfo("tiff", tuple(int(s) for s in series[0].shape), str(series[0].dtype))
+
+
+def _load_tiff(path: str, max_height: int, max_width: int, dimension_order: str) -> np.ndarray:
+    """Header check and decode through one open TiffFile (as read_header, then imread)."""
+    import tifffile
+
+    name = os.path.basename(path)
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as err:
+        raise BadImage(f"cannot read TIFF header of '{name}': {_short(err)}") from None
+    with tif:
+        try:
+            info = _tiff_info(tif, name)
+        except BadImage:
+            raise
+        except Exception as err:
+            raise BadImage(f"cannot read TIFF header of '{name}': {_short(err)}") from None
+        check_size(info, max_height, max_width, dimension_order)
+        try:
+            return tif.asarray()
+        except Exception as err:
+            raise BadImage(f"cannot decode TIFF image '{name}': {_short(err)}") from None
+
+
+def _load_other(path: str, info: ImageInfo, max_height: int, max_width: int,
+                dimension_order: str) -> np.ndarray:
     check_size(info, max_height, max_width, dimension_order)
     name = os.path.basename(path)
     try:
-        if info.format == "tiff":
-            import tifffile
-
-            array = tifffile.imread(path)
-        elif info.format == "npy":
+        if info.format == "npy":
             array = np.load(path, allow_pickle=False)
         else:
             from PIL import Image
@@ -188,10 +224,6 @@ def load_image(path: str, max_height: int = 8192, max_width: int = 8192,
                 array = np.asarray(img)
     except Exception as err:
         raise BadImage(f"cannot decode {info.format.upper()} image '{name}': {_short(err)}") from None
-    if array.dtype.kind not in "biuf":
-        raise BadImage(f"image '{name}' has unsupported pixel type {array.dtype}")
-    if array.size == 0:
-        raise BadImage(f"image '{name}' is empty")
     return array
 
 

@@ -34,11 +34,14 @@ def deep_watershed(inner_distance: np.ndarray, foreground: np.ndarray,
     mask = np.asarray(foreground) > p.foreground_threshold
     if inner.shape != mask.shape:
         raise ValueError(f"inner_distance {inner.shape} and foreground {mask.shape} differ in shape")
+    if not mask.any():  # nothing in the foreground (empty frames and tiles are common): no cells
+        return np.zeros(inner.shape, dtype=np.int32)
     peaks = peak_local_max(inner, min_distance=p.radius, threshold_abs=p.maxima_threshold,
                            exclude_border=False, labels=mask.astype(np.int32))
+    if not len(peaks):  # no seed, so the watershed labels nothing
+        return np.zeros(inner.shape, dtype=np.int32)
     markers = np.zeros(inner.shape, dtype=np.int32)
-    if len(peaks):
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
     labels = watershed(-inner, markers, mask=mask)
     if p.min_size > 1 and labels.any():
         # scikit-image 0.26: objects of max_size pixels or fewer are removed.

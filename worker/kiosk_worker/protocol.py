@@ -186,6 +186,16 @@ redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1
 """
 
+# Final fields, drop from processing, expire: atomic like MULTI/EXEC but one command and
+# one reply (the hottest write of a worker). ARGV[1] = expiry seconds (0 = keep),
+# ARGV[2..] = field, value, ...
+_FINISH_SCRIPT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('LREM', KEYS[2], 1, KEYS[1])
+if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
 RECLAIM_TAKEN_ELSEWHERE = 0
 RECLAIM_REQUEUED = 1
 RECLAIM_DROPPED = 2
@@ -201,6 +211,7 @@ class JobStore:
 
     def __post_init__(self) -> None:
         self._requeue = self.client.register_script(_REQUEUE_SCRIPT)
+        self._finish = self.client.register_script(_FINISH_SCRIPT)
 
     # -- queue operations --
 
@@ -238,13 +249,11 @@ class JobStore:
         self.client.hset(key, mapping=self._stamp(fields))
 
     def finish(self, queue: str, key: str, fields: Mapping[str, Any], expire: bool = True) -> None:
-        """Write the final fields and drop the item from processing, in one transaction."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(key, mapping=self._stamp(fields))
-        pipe.lrem(processing_key(queue, self.worker), 1, key)
-        if expire and self.expire_time > 0:
-            pipe.expire(key, self.expire_time)
-        pipe.execute()
+        """Write the final fields and drop the item from processing, atomically."""
+        flat: list[str] = [str(self.expire_time if expire and self.expire_time > 0 else 0)]
+        for item in self._stamp(fields).items():
+            flat.extend(item)
+        self._finish(keys=[key, processing_key(queue, self.worker)], args=flat)
 
     def _stamp(self, fields: Mapping[str, Any]) -> dict[str, str]:
         data = {k: "" if v is None else str(v) for k, v in fields.items()}

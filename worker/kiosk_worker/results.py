@@ -7,16 +7,20 @@ concurrent jobs with the same input name never collide.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import zipfile
 from collections.abc import Iterable, Mapping
+from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["label_members", "result_stem", "save_arrays", "save_labels", "zip_arrays", "zip_files"]
+__all__ = ["label_members", "result_stem", "save_arrays", "save_labels", "zip_arrays", "zip_arrays_bytes", "zip_files"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: Deflate level of result zips.
+ZIP_LEVEL = 1
 
 
 def result_stem(input_file_name: str, fallback: str = "image") -> str:
@@ -66,21 +70,32 @@ def label_members(labels: np.ndarray, stem: str) -> dict[str, np.ndarray]:
 
 def zip_arrays(members: Mapping[str, np.ndarray], zip_path: str) -> str:
     """Encode each array as a TIFF in memory and write them into one zip (one file on disk)."""
-    import io
+    with open(zip_path, "wb") as fh:
+        _write_zip(members, fh)
+    return zip_path
 
+
+def zip_arrays_bytes(members: Mapping[str, np.ndarray]) -> bytes:
+    """As ``zip_arrays``, but the zip stays in memory (no temp file to write and delete)."""
+    buf = io.BytesIO()
+    _write_zip(members, buf)
+    return buf.getvalue()
+
+
+def _write_zip(members: Mapping[str, np.ndarray], fh: BinaryIO) -> None:
     import tifffile
 
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    # Level 1: label images shrink nearly as much as at the default level 6, several times faster.
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as zf:
         for name, arr in members.items():
             buf = io.BytesIO()
             tifffile.imwrite(buf, np.ascontiguousarray(arr))
             zf.writestr(name, buf.getvalue())
-    return zip_path
 
 
 def zip_files(paths: Iterable[str], zip_path: str) -> str:
     """Zip files flat (by base name) into ``zip_path``; returns it."""
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as zf:
         for path in paths:
             zf.write(path, arcname=os.path.basename(path))
     return zip_path

@@ -31,6 +31,16 @@ def capped_delay(retry: int, base_delay: float, max_delay: float) -> float:
     return min(cap, base * 2.0 ** min(retry, _MAX_EXPONENT))
 
 
+def jittered_delay(retry: int, base_delay: float, max_delay: float,
+                   rng: random.Random | None = None) -> float:
+    """The sleep before retry number ``retry`` (0-based): uniform in [0, capped_delay] (full jitter).
+
+    The one backoff formula of the project: storage, Redis reconnects and the
+    TF Serving client all wait this long.
+    """
+    return (rng or random).uniform(0.0, capped_delay(retry, base_delay, max_delay))
+
+
 def backoff_delays(
     base_delay: float,
     max_delay: float,
@@ -43,10 +53,9 @@ def backoff_delays(
     Yields ``retries`` values, or forever when ``retries`` is None. Pass a seeded
     ``rng`` for reproducible sequences.
     """
-    draw = (rng or random).uniform
     n = 0
     while retries is None or n < retries:
-        yield draw(0.0, capped_delay(n, base_delay, max_delay))
+        yield jittered_delay(n, base_delay, max_delay, rng)
         n += 1
 
 

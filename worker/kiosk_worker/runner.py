@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import queue as queue_mod
-import random
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ import redis
 from kiosk_worker import protocol
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import Cancelled
+from kiosk_worker.retry import jittered_delay
 from kiosk_worker.settings import Settings
 
 __all__ = ["MULTI_QUEUE_BLOCK", "Runner", "WorkerStats"]
@@ -44,6 +44,12 @@ MULTI_QUEUE_BLOCK = 0.1
 EWMA_ALPHA = 0.3
 #: A job we put back (e.g. a zip parent waiting for children) is not re-run sooner than this.
 RECHECK_DELAY = 1.0
+#: Reconnect backoff while Redis is unreachable (seconds): first ceiling and cap.
+#: A job's start or end is reported at once unless a heartbeat went out this recently
+#: (seconds); a worker taking hundreds of jobs a second would otherwise beat per job.
+KICK_MIN_INTERVAL = 0.25
+REDIS_RETRY_BASE = 0.05
+REDIS_RETRY_CAP = 5.0
 
 
 class _Interrupted(BaseException):
@@ -109,6 +115,7 @@ class Runner:
         self._stop_time: float | None = None
         self._wake = threading.Event()
         self._kick = threading.Event()
+        self._last_beat = 0.0
         self._popping = False
         self._requeued_at: dict[str, float] = {}
         self._hb_thread: threading.Thread | None = None
@@ -248,7 +255,7 @@ class Runner:
         assert consumer is not None
         self.stats.items_taken += 1
         self.stats.current = key
-        self._kick.set()
+        self._report()
         done = threading.Event()
         outcome: dict[str, Any] = {}
         start = time.perf_counter()
@@ -280,7 +287,7 @@ class Runner:
                 self.stats.jobs_done += 1
         elif status is not None:
             self._requeued_at[key] = time.monotonic()
-        self._kick.set()
+        self._report()
 
     def _job_thread(self) -> queue_mod.SimpleQueue[Any]:
         """One long-lived thread runs the jobs (a thread per job costs ~0.1-1 ms)."""
@@ -318,7 +325,7 @@ class Runner:
             return
         log.warning("grace period of %.1fs over: %s %s", self.settings.grace_period, key,
                     "returned to the front of its queue" if returned else "was no longer held")
-        if returned:
+        if returned and consumer.announce_start:  # a waiting zip parent stays 'waiting'
             try:
                 self.store.update(key, {"status": protocol.NEW})
             except redis.RedisError:
@@ -344,20 +351,27 @@ class Runner:
 
     def _wait_for_redis(self, action: Any, what: str) -> None:
         """Run ``action`` until Redis answers, with capped jittered backoff; stops on request."""
-        delay = 0.05
+        attempt = 0
         while True:
             try:
                 action()
                 return
             except (redis.ConnectionError, redis.TimeoutError) as err:
+                delay = jittered_delay(attempt, REDIS_RETRY_BASE, REDIS_RETRY_CAP)
                 log.warning("Redis unreachable during %s (%s); retrying in %.2fs", what,
                             " ".join(str(err).split()), delay)
-            if self._stop.wait(delay * random.uniform(0.5, 1.0)):
+            if self._stop.wait(delay):
                 return
-            delay = min(delay * 2, 5.0)
+            attempt += 1
 
     # -- heartbeat ---------------------------------------------------------------
+    def _report(self) -> None:
+        """Ask for an early heartbeat (state changed), at most every KICK_MIN_INTERVAL."""
+        if time.monotonic() - self._last_beat >= min(KICK_MIN_INTERVAL, self.settings.heartbeat_interval):
+            self._kick.set()
+
     def _beat(self) -> None:
+        self._last_beat = time.monotonic()
         info = self.stats.info()
         info["consumer_type"] = self.settings.consumer_type
         info["state"] = "draining" if self._stop.is_set() else ("busy" if self.stats.current else "idle")

@@ -59,13 +59,16 @@ from kiosk_worker.settings import Settings
 
 __all__ = ["Consumer", "TensorFlowServingConsumer"]
 
-# Skip vanished or finished jobs, else mark started and return the hash: one round trip.
+# Skip vanished or finished jobs, else mark started (unless ARGV[6] is '0') and return
+# the hash: one round trip.
 _START_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0} end
 if status == ARGV[3] or status == ARGV[4] then return {1, status} end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'identity_started', ARGV[1],
-           'updated_at', ARGV[5], 'updated_by', ARGV[1])
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'identity_started', ARGV[1],
+             'updated_at', ARGV[5], 'updated_by', ARGV[1])
+end
 return {2, redis.call('HGETALL', KEYS[1])}
 """
 
@@ -77,6 +80,11 @@ class Consumer:
     ``storage`` has ``download(path, dest_dir) -> local path`` and
     ``upload(local_path, subdir='') -> (dest_name, output_url)``.
     """
+
+    #: Write ``status=started`` (+identity_started) when a visit begins. Consumers whose
+    #: jobs are visited several times with their own status order (the zip parent's
+    #: ``new -> waiting -> done``) set this to False.
+    announce_start: bool = True
 
     def __init__(
         self,
@@ -209,11 +217,13 @@ class Consumer:
         return self._workdir
 
     def _start_job(self, redis_hash: str) -> dict[str, str] | None:
-        """Mark the job started (+identity_started) and return its fields; None to skip it."""
+        """Mark the job started (+identity_started, if ``announce_start``) and return its
+        fields; None to skip it."""
         if self._cancelled.is_set():
             raise Cancelled(redis_hash)
         reply = self._start(keys=[redis_hash], args=[
-            self.name, protocol.STARTED, protocol.DONE, protocol.FAILED, protocol.utc_now_iso()])
+            self.name, protocol.STARTED, protocol.DONE, protocol.FAILED, protocol.utc_now_iso(),
+            "1" if self.announce_start else "0"])
         if int(reply[0]) == 2:
             flat = [protocol._text(v) for v in reply[1]]
             return dict(zip(flat[0::2], flat[1::2], strict=True))

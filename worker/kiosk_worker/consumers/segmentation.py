@@ -11,7 +11,6 @@ saving-results, done (the Kiosk's, with post-processing in between).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,7 @@ class SegmentationConsumer(TensorFlowServingConsumer):
 
         self.set_status(redis_hash, protocol.PRE_PROCESSING)
         with self.timed("download_time"):
-            local = self.storage.download(input_name, self.tempdir)
+            local = self.storage.readable_path(input_name, self.tempdir)  # read only
         image = self.load(local, job)
         inputs = self.get_model_metadata(model_name, model_version)
         image, tile = self.fit_model(image, inputs, job.get("channels", ""), model_name)
@@ -55,10 +54,9 @@ class SegmentationConsumer(TensorFlowServingConsumer):
 
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
         stem = results.result_stem(job.get("original_name") or input_name)
-        zip_path = results.zip_arrays(results.label_members(labels, stem),
-                                      os.path.join(self.tempdir, f"{stem}.zip"))
+        data = results.zip_arrays_bytes(results.label_members(labels, stem))
         with self.timed("upload_time"):
-            dest, url = self.storage.upload(zip_path)
+            dest, url = self.storage.upload_data(data, f"{stem}.zip")
         self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
         return self.final_status
 

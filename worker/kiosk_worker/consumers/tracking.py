@@ -41,7 +41,7 @@ class TrackingConsumer(SegmentationConsumer):
     params = tracking.TrackingParams()
 
     def _consume(self, redis_hash: str) -> str:
-        job = self.store.get(redis_hash)
+        job = self.job  # read with the start of the job, no second round trip
         model_name, model_version = job.get("model_name", ""), job.get("model_version", "")
         input_name = job.get("input_file_name", "")
         if not input_name:
@@ -49,7 +49,7 @@ class TrackingConsumer(SegmentationConsumer):
 
         self.set_status(redis_hash, protocol.PRE_PROCESSING)
         with self.timed("download_time"):
-            local = self.storage.download(input_name, self.tempdir)
+            local = self.storage.readable_path(input_name, self.tempdir)
         movie = self.load(local, job)
         inputs = self.get_model_metadata(model_name, model_version)
         movie, tile = self.fit_model(movie, inputs, job.get("channels", ""), model_name)

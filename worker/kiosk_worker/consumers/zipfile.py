@@ -37,6 +37,8 @@ LOST_REASON = "job record expired before its result was collected"
 class ZipConsumer(Consumer):
     """Consumes ``{queue}-zip`` parents; children are processed by the ``{queue}`` workers."""
 
+    announce_start = False  # the parent goes new -> waiting -> done, never 'started'
+
     @staticmethod
     def source_queues(queues: list[str]) -> list[str]:
         """Queues a zip worker pops from: ``predict`` -> ``predict-zip`` (upstream's convention)."""
@@ -47,7 +49,7 @@ class ZipConsumer(Consumer):
         return zipjobs.ZipLimits(self.settings.max_zip_members, self.settings.max_zip_bytes)
 
     def _consume(self, redis_hash: str) -> str:
-        job = self.store.get(redis_hash)
+        job = self.job  # read by the base class in the same round trip as the skip check
         if "children" not in job:
             return self.fan_out(redis_hash, job)
         return self.check_children(redis_hash, job)

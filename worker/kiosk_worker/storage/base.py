@@ -182,6 +182,14 @@ class Storage(ABC):
             raise
         return dest
 
+    def readable_path(self, path_or_url: str, dest_dir: str) -> str:
+        """A local file with the object's content, for reading only (never modify or remove it).
+
+        A download into ``dest_dir`` here; ``file://`` storage returns the object's own
+        path instead of copying it (saves a file write and delete per job).
+        """
+        return self.download(path_or_url, dest_dir)
+
     def read_bytes(self, path_or_url: str) -> bytes:
         """An object's whole content (small files: results, CLI checks)."""
         bucket, key = self.resolve(path_or_url)
@@ -192,6 +200,15 @@ class Storage(ABC):
         name = unique_name(local_path, subdir)
         key = self.location.key(name)
         self._call("upload", name, self.location.bucket, lambda: self._put_file(key, local_path))
+        return name, self.url_for(name)
+
+    def upload_data(self, data: bytes, filename: str, subdir: str = "") -> tuple[str, str]:
+        """Store in-memory ``data`` under a fresh unique name made from ``filename``, as
+        ``upload`` does for a local file; return ``(name, output_url)``."""
+        name = unique_name(filename, subdir)
+        key = self.location.key(name)
+        payload = bytes(data)
+        self._call("upload", name, self.location.bucket, lambda: self._put_bytes(key, payload))
         return name, self.url_for(name)
 
     def upload_bytes(self, data: bytes, name: str) -> tuple[str, str]:

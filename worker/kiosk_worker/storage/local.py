@@ -61,6 +61,18 @@ class LocalStorage(Storage):
             return Fault.DENIED
         return Fault.OTHER
 
+    def readable_path(self, path_or_url: str, dest_dir: str) -> str:
+        """The object's own file: the bucket is a local directory, so nothing is copied."""
+        bucket, key = self.resolve(path_or_url)
+        path = self._path(key)
+
+        def check() -> str:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(path)  # classified MISSING: the usual InputNotFound
+            return path
+
+        return self._call("download", path_or_url, bucket, check, reading=True)
+
     def _get_to_file(self, bucket: str, key: str, fh: BinaryIO) -> None:
         with open(self._path(key), "rb") as src:
             shutil.copyfileobj(src, fh, 1 << 20)

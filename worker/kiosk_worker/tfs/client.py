@@ -2,7 +2,8 @@
 
 One channel per client (so per worker), reused for every call. Transient
 failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) are retried a
-bounded number of times with capped exponential backoff and jitter; everything
+bounded number of times with capped exponential backoff and full jitter
+(``kiosk_worker.retry.jittered_delay``, the formula every retry uses); everything
 else fails at once. Every failure surfaces as a TFServingError subclass whose
 message is one line a user can read (it ends up as a job's ``reason``).
 """
@@ -10,7 +11,6 @@ message is one line a user can read (it ends up as a job's ``reason``).
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from kiosk_worker.retry import jittered_delay
 from kiosk_worker.tfs.messages import (
     decode_predict_response,
     encode_metadata_request,
@@ -182,9 +183,9 @@ class TFServingClient:
         self.close()
 
     def delay(self, retry: int) -> float:
-        """Seconds to wait before retry number ``retry`` (0-based): capped, jittered."""
-        base = min(self.max_backoff, self.backoff * (2**retry))
-        return base * random.uniform(0.5, 1.0)
+        """Seconds to wait before retry number ``retry`` (0-based): the project's one backoff
+        formula (``retry.jittered_delay``: backoff * 2**retry capped at max_backoff, full jitter)."""
+        return jittered_delay(retry, self.backoff, self.max_backoff)
 
     def _call(self, what: str, name: str, version: int | None, payload: bytes) -> Any:
         """Send ``payload`` to Predict or GetModelMetadata with bounded retries."""
