@@ -9,7 +9,7 @@ import redis
 
 from harness.redis_server import RedisServer
 
-pytest_plugins = ["harness.cluster_fixtures"]
+pytest_plugins = ["harness.cluster_fixtures", "harness.operator_fixtures"]
 
 
 @pytest.fixture(scope="session")

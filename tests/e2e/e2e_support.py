@@ -1,12 +1,9 @@
-"""Helpers for the end-to-end tests: synthetic jobs in a file:// bucket, the operator's test helpers."""
+"""Helpers for the end-to-end tests: synthetic jobs in a file:// bucket and their results."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import zipfile
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import redis
@@ -15,24 +12,6 @@ from scipy.optimize import linear_sum_assignment
 
 from kiosk_model_server.synthetic import make_cells
 from kiosk_worker import protocol
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def operator_helpers() -> ModuleType:
-    """tests/operator/operator_helpers.py (OperatorProcess, pool_manifest, Api, CRD_FILE).
-
-    That folder cannot be imported as a package (``operator`` is a stdlib module), so load the
-    file under the same module name its own conftest uses: one copy per session.
-    """
-    name = "operator_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TESTS / "operator" / "operator_helpers.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def submit_cells(client: redis.Redis, bucket: Path, count: int, queue: str = "segmentation",

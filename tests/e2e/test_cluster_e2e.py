@@ -12,9 +12,10 @@ import math
 import re
 
 import pytest
-from e2e_support import mean_matched_iou, operator_helpers, result_labels, statuses, submit_cells
+from e2e_support import mean_matched_iou, result_labels, statuses, submit_cells
 
 from harness.cluster import HARNESS_KUBELET_LABEL
+from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_operator import manifests
 from kiosk_worker import protocol
@@ -28,7 +29,7 @@ POOL = "e2e"
 
 def _pool(redis_server, model_server, bucket, **scaling) -> dict:
     """A pool whose workers reach the test's Redis, model server and bucket on 127.0.0.1."""
-    return operator_helpers().pool_manifest(
+    return pool_manifest(
         POOL,
         redis_server.port,
         worker={

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 import pytest
-from operator_helpers import POOLS
 
 from harness.cluster import ApiError, ClusterError
+from harness.operator_process import POOLS
 from harness.wait import wait_for
 
 pytestmark = pytest.mark.cluster

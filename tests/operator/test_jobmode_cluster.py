@@ -13,10 +13,10 @@ import re
 import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
-from operator_helpers import pool_manifest
 
 from harness.cluster import HARNESS_KUBELET_LABEL
 from harness.kubelet import terminal_status
+from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_operator import jobmode, manifests
 from kiosk_operator.spec import parse_spec

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from operator_helpers import pool_manifest
 
+from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_operator import manifests
 from kiosk_worker import protocol

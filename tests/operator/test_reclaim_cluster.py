@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from operator_helpers import pool_manifest
 
+from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_worker import protocol
 from kiosk_worker.protocol import JobStore
