@@ -13,6 +13,7 @@ from typing import Any
 
 from harness.cluster import ApiError, LocalCluster
 from harness.ports import free_port
+from harness.procs import stop_process
 from harness.wait import wait_for
 from kiosk_operator import rbac
 
@@ -109,13 +110,7 @@ class OperatorProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self.proc = None
 
 

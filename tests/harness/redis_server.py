@@ -11,6 +11,7 @@ from pathlib import Path
 import redis
 
 from harness.ports import free_port
+from harness.procs import stop_process
 
 
 class RedisServer:
@@ -54,13 +55,7 @@ class RedisServer:
             time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def restart(self) -> None:

@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from harness.ports import free_port
+from harness.procs import stop_process
 from harness.wait import wait_for
 
 FAKE_GCS_VERSION = "v1.56.1"
@@ -107,13 +108,7 @@ class _Process:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def restart(self) -> None:
