@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # storage or Redis settings that cannot work at all
         logging.getLogger("kiosk_worker").debug("startup failed", exc_info=True)
         return _fail(f"cannot start: {type(err).__name__}: {err}")
+    try:
+        runner.start_metrics()
+    except OSError as err:
+        return _fail(f"invalid setting METRICS_PORT={settings.metrics_port}: cannot listen "
+                     f"({err.strerror or err})")
     code = runner.run()
     if runner.abandoned:
         # A cancelled job thread may still sit in a model call: do not wait for it.

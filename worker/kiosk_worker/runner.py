@@ -31,6 +31,7 @@ import redis
 from kiosk_worker import protocol
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import Cancelled
+from kiosk_worker.metrics import Metrics, start_metrics
 from kiosk_worker.retry import jittered_delay
 from kiosk_worker.settings import Settings
 
@@ -94,6 +95,7 @@ class Runner:
         storage: Any = None,
         max_jobs: int | None = None,
         name: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.name = name or settings.worker_name or protocol.default_worker_name()
@@ -121,6 +123,7 @@ class Runner:
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
         self._jobs: queue_mod.SimpleQueue[Any] | None = None
+        self.metrics = metrics
 
     # -- lifecycle -----------------------------------------------------------
     def build_consumer(self) -> Consumer:
@@ -133,6 +136,14 @@ class Runner:
         return get_consumer(self.settings.consumer_type, redis_client=self.client, storage=self._storage,
                             queue=self.queues[0], settings=self.settings, store=self.store,
                             name=self.name)
+
+    def start_metrics(self) -> Metrics:
+        """Serve Prometheus metrics on METRICS_PORT (no-op when 0); OSError if the port is taken."""
+        if self.metrics is None:
+            self.metrics = start_metrics(self.settings.metrics_port)
+            if self.metrics.port:
+                log.info("metrics on http://0.0.0.0:%d/metrics", self.metrics.port)
+        return self.metrics
 
     def request_stop(self) -> None:
         """Stop taking jobs (thread-safe; what SIGTERM does)."""
@@ -156,6 +167,7 @@ class Runner:
         """Serve until stopped, the queue is empty (batch mode) or max_jobs items were taken."""
         if self.consumer is None:
             self.consumer = self.build_consumer()
+        self.consumer.metrics = self.start_metrics()
         self.queues = type(self.consumer).source_queues(self.settings.queues)
         self._wait_for_redis(self._give_back_held, "recover held items")
         self._wait_for_redis(self._beat, "register")
@@ -203,6 +215,8 @@ class Runner:
             self.store.unregister(self.queues)
         except redis.RedisError as err:
             log.warning("could not unregister from Redis: %s", err)
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("worker %s stopped after %d items (%d done, %d failed)", self.name,
                  self.stats.items_taken, self.stats.jobs_done, self.stats.jobs_failed)
 
@@ -256,6 +270,9 @@ class Runner:
         self.stats.items_taken += 1
         self.stats.current = key
         self._report()
+        metrics = self.metrics or Metrics()
+        kind = self.settings.consumer
+        metrics.job_started()
         done = threading.Event()
         outcome: dict[str, Any] = {}
         start = time.perf_counter()
@@ -266,6 +283,7 @@ class Runner:
                 left = self._stop_time + self.settings.grace_period - time.monotonic()
                 if not done.wait(max(0.0, left)):
                     self._give_back(consumer, queue, key)
+                    metrics.job_ended(kind, queue, "given_back")
                     return
                 break
             self._wake.wait()
@@ -274,6 +292,8 @@ class Runner:
         self.stats.current = ""
         status = outcome.get("status")
         err = outcome.get("error")
+        outcome = _outcome(consumer, status, err)
+        metrics.job_ended(kind, queue, outcome, elapsed if outcome in ("done", "failed") else None)
         if err is not None:
             if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
                 self._redis_trouble(err)
@@ -391,3 +411,14 @@ class Runner:
                 failures += 1
                 if failures == 1 or failures % 30 == 0:
                     log.warning("heartbeat failed (%s)", " ".join(str(err).split()))
+
+
+def _outcome(consumer: Consumer, status: str | None, err: BaseException | None) -> str:
+    """The ``outcome`` label of a job that left the consumer."""
+    if err is not None:
+        return "crashed"
+    if status is None:
+        return "skipped"  # hash gone or already finished: only dropped from processing
+    if status in protocol.FINISHED_STATUSES or status == consumer.final_status:
+        return "failed" if status == consumer.failed_status else "done"
+    return "requeued"

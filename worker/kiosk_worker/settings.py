@@ -52,6 +52,11 @@ class Settings:
     redis_tls: bool = False
     redis_sentinel_hosts: str = ""
     redis_sentinel_master: str = "mymaster"
+    #: None: the Sentinels get REDIS_PASSWORD (Bitnami's chart shares it); "": send none.
+    redis_sentinel_password: str | None = None
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
     worker_name: str = ""
     heartbeat_interval: float = 2.0
     grace_period: float = 25.0
@@ -166,6 +171,10 @@ for _env, _attr, _parse in [
     ("REDIS_TLS", "redis_tls", _bool),
     ("REDIS_SENTINEL_HOSTS", "redis_sentinel_hosts", str),
     ("REDIS_SENTINEL_MASTER", "redis_sentinel_master", _nonempty),
+    ("REDIS_SENTINEL_PASSWORD", "redis_sentinel_password", str),
+    ("REDIS_TLS_CA_FILE", "redis_tls_ca_file", str.strip),
+    ("REDIS_TLS_CERT_FILE", "redis_tls_cert_file", str.strip),
+    ("REDIS_TLS_KEY_FILE", "redis_tls_key_file", str.strip),
     ("WORKER_NAME", "worker_name", str),
     ("HEARTBEAT_INTERVAL", "heartbeat_interval", _positive(float)),
     ("GRACE_PERIOD", "grace_period", _positive(float, allow_zero=True)),

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "FrameOverlap",
@@ -154,6 +153,8 @@ def match_cells(ov: FrameOverlap, params: TrackingParams = TrackingParams(),
     cols = [c for c in range(len(ov.next_ids)) if c not in skip_cols]
     if not rows or not cols:
         return []
+    from scipy.optimize import linear_sum_assignment  # ~0.3 s to import: not at worker start
+
     iou = ov.iou[np.ix_(rows, cols)]
     r_idx, c_idx = linear_sum_assignment(iou, maximize=True)
     return [(rows[r], cols[c]) for r, c in zip(r_idx, c_idx, strict=True) if iou[r, c] >= params.min_iou]

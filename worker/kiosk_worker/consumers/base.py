@@ -20,8 +20,9 @@ Register it under the entry-point group ``kiosk_worker.consumers`` (see
 
 * ``consume(key, queue)`` skips vanished or already finished hashes, writes
   ``status=started`` + ``identity_started`` (one round trip that also reads
-  the hash into ``self.job``), and calls ``_consume`` with a fresh per-job
-  temp dir in ``self.tempdir``.
+  the hash into ``self.job``; not for classes with ``announce_start = False``,
+  such as the zip parent, whose order is new -> waiting -> done), and calls
+  ``_consume`` with a fresh per-job temp dir in ``self.tempdir``.
 * Returning ``final_status`` ends the job: ``finish_fields`` (plus
   ``finished_at`` and ``total_time`` unless set) are written and the item
   leaves the processing list in one transaction.
@@ -35,6 +36,9 @@ Register it under the entry-point group ``kiosk_worker.consumers`` (see
 
 ``update_key`` stamps ``updated_at``/``updated_by`` and refuses to write once the
 runner has cancelled the job (grace period over, item given back).
+``set_status`` does the same for progress statuses without waiting for Redis's
+reply (``_Posts``): the replies are read before the consumer's next write, so
+statuses still land in order and before the final one.
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ import redis
 
 from kiosk_worker import protocol
 from kiosk_worker.errors import Cancelled, JobError, ModelMismatch, reason_for
+from kiosk_worker.metrics import Metrics, queue_wait
 from kiosk_worker.settings import Settings
 
 __all__ = ["Consumer", "TensorFlowServingConsumer"]
 
 # Skip vanished or finished jobs, else mark started (unless ARGV[6] is '0') and return
-# the hash: one round trip.
+# the hash and the status it had: one round trip.
 _START_SCRIPT = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0} end
@@ -69,7 +74,7 @@ if ARGV[6] == '1' then
   redis.call('HSET', KEYS[1], 'status', ARGV[2], 'identity_started', ARGV[1],
              'updated_at', ARGV[5], 'updated_by', ARGV[1])
 end
-return {2, redis.call('HGETALL', KEYS[1])}
+return {2, redis.call('HGETALL', KEYS[1]), status}
 """
 
 
@@ -111,13 +116,17 @@ class Consumer:
         self.logger = logging.getLogger(f"kiosk_worker.consumers.{type(self).__name__}")
         self._tf_client = tf_client
         self._start = redis_client.register_script(_START_SCRIPT)
+        self._posts = _Posts(redis_client)
         # Per-job state, reset by consume().
         self.job: dict[str, str] = {}
         self.finish_fields: dict[str, Any] = {}
         self.tempdir = ""
         self._workdir = ""
         self.current_key = ""
+        self._prior_status: str | None = None
         self._cancelled = threading.Event()
+        #: Where the runner's metrics go (it sets this; records nothing by default).
+        self.metrics: Metrics = Metrics()
 
     # -- the contract ----------------------------------------------------
     def _consume(self, redis_hash: str) -> str:
@@ -134,10 +143,15 @@ class Consumer:
         """HSET fields (stamped with updated_at/updated_by) unless the job was given back."""
         if self._cancelled.is_set():
             raise Cancelled(redis_hash)
+        self._posts.drain()
         self.store.update(redis_hash, data)
 
     def set_status(self, redis_hash: str, status: str, **fields: Any) -> None:
-        self.update_key(redis_hash, {"status": status, **fields})
+        """Write a progress status without waiting for Redis's reply (read before our next
+        write), so a step's status costs no round trip; otherwise as ``update_key``."""
+        if self._cancelled.is_set():
+            raise Cancelled(redis_hash)
+        self._posts.post(redis_hash, self.store.stamp({"status": status, **fields}))
 
     @contextlib.contextmanager
     def timed(self, field: str) -> Iterator[None]:
@@ -169,16 +183,22 @@ class Consumer:
         or already finished: the item is just dropped from processing).
         """
         queue = queue or protocol.queue_of_key(redis_hash)
+        self._posts.drain()
         self._cancelled.clear()
         self.finish_fields = {}
         self.current_key = redis_hash
         start = time.perf_counter()
+        picked_at = time.time()
         try:
             job = self._start_job(redis_hash)
             if job is None:
                 self.store.release(queue, redis_hash)
                 return None
             self.job = job
+            if self._prior_status == protocol.NEW:  # first pickup, not a revisit or a retry
+                waited = queue_wait(job.get("created_at"), picked_at)
+                if waited is not None:
+                    self.metrics.queue_waited(queue, waited)
             self.tempdir = self._job_dir()
             try:
                 status = self._consume(redis_hash)
@@ -205,7 +225,7 @@ class Consumer:
             fields.setdefault("total_time", f"{time.perf_counter() - start:.6f}")
             self._finish(queue, redis_hash, fields)
         else:
-            self.update_key(redis_hash, {"status": status})
+            self.update_key(redis_hash, {"status": status})  # drains pending posts first
             self.store.requeue(queue, redis_hash, front=False)
         self.logger.info("job %s: %s in %.3fs", redis_hash, status, time.perf_counter() - start)
         return status
@@ -225,6 +245,7 @@ class Consumer:
             self.name, protocol.STARTED, protocol.DONE, protocol.FAILED, protocol.utc_now_iso(),
             "1" if self.announce_start else "0"])
         if int(reply[0]) == 2:
+            self._prior_status = protocol._text(reply[2])
             flat = [protocol._text(v) for v in reply[1]]
             return dict(zip(flat[0::2], flat[1::2], strict=True))
         why = "no such job hash" if int(reply[0]) == 0 else f"already {protocol._text(reply[1])}"
@@ -234,7 +255,66 @@ class Consumer:
     def _finish(self, queue: str, key: str, fields: Mapping[str, Any]) -> None:
         if self._cancelled.is_set():
             raise Cancelled(key)
+        self._posts.drain()  # every progress status lands before the final one
         self.store.finish(queue, key, fields)
+
+
+class _Posts:
+    """HSETs sent on one dedicated connection whose replies are read later, in order.
+
+    A progress status is a notification: nothing waits for its reply, so ``post`` only
+    sends it and ``drain`` reads the replies before the consumer's next write to Redis
+    (which is then ordered after them). On a connection error, or READONLY from a
+    demoted master, the pending writes are replayed through the normal client, which
+    reconnects and retries; they are idempotent HSETs.
+    Used by the job thread only.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self._conn: Any = None
+        self._pending: list[tuple[str, dict[str, str]]] = []
+
+    def post(self, key: str, data: dict[str, str]) -> None:
+        args: list[str] = ["HSET", key]
+        for item in data.items():
+            args.extend(item)
+        try:
+            if self._conn is None:
+                self._conn = self.client.connection_pool.get_connection()
+            self._conn.send_command(*args, check_health=not self._pending)
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._replay([*self._pending, (key, data)])
+            return
+        self._pending.append((key, data))
+
+    def drain(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        error: redis.ResponseError | None = None
+        try:
+            for _ in pending:
+                try:
+                    self._conn.read_response()
+                except redis.ResponseError as err:  # keep reading: the stream stays in step
+                    error = error or err
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._replay(pending)
+            return
+        if isinstance(error, redis.ReadOnlyError):  # a demoted master (Sentinel failover)
+            self._replay(pending)
+        elif error is not None:
+            raise error
+
+    def _replay(self, writes: list[tuple[str, dict[str, str]]]) -> None:
+        self._pending = []
+        if self._conn is not None:
+            self._conn.disconnect()
+            self.client.connection_pool.release(self._conn)
+            self._conn = None
+        for key, data in writes:
+            self.client.hset(key, mapping=data)
 
 
 def _empty_dir(path: str) -> None:
@@ -276,8 +356,12 @@ class TensorFlowServingConsumer(Consumer):
             s = self.settings
             self._tf_client = TFServingClient(
                 s.tf_host, s.tf_port, timeout=s.grpc_timeout, max_retries=s.max_retry,
-                backoff=s.grpc_backoff, max_message_bytes=s.grpc_max_message_bytes)
+                backoff=s.grpc_backoff, max_message_bytes=s.grpc_max_message_bytes,
+                on_retry=self._model_retry)
         return self._tf_client
+
+    def _model_retry(self, method: str, code: str) -> None:
+        self.metrics.model_retry(method, code)
 
     @staticmethod
     def parse_model_version(value: Any) -> int | None:

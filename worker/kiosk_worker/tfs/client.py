@@ -105,6 +105,7 @@ class TFServingClient:
     ``max_message_bytes`` the gRPC send/receive limit. ``sleep`` waits between
     retries (default time.sleep); pass a shutdown ``threading.Event().wait`` so
     that SIGTERM interrupts a backoff: when it returns True, retrying stops.
+    ``on_retry(method, code_name)`` is called before each retry (metrics).
     """
 
     def __init__(
@@ -117,6 +118,7 @@ class TFServingClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_backoff: float = 60.0,
         sleep: Callable[[float], Any] | None = None,
+        on_retry: Callable[[str, str], Any] | None = None,
     ) -> None:
         self.host = host
         self.port = int(port)
@@ -131,6 +133,7 @@ class TFServingClient:
         self._metadata: Callable[..., Any] | None = None
         self._generation = 0
         self._sleep = sleep or time.sleep
+        self.on_retry = on_retry
 
     @property
     def target(self) -> str:
@@ -207,6 +210,8 @@ class TFServingClient:
                     log.warning("%s %s failed with %s (%s); retry %d/%d in %.2fs",
                                 what, self.target, code.name, _first_line(details),
                                 retry, self.max_retries, wait)
+                    if self.on_retry is not None:
+                        self.on_retry(what, code.name)
                     if self._sleep(wait) is True:  # interrupted (shutdown): stop retrying
                         raise self._error(code, details, name, version, retry - 1, too_large) from None
                     continue
