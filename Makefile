@@ -17,6 +17,8 @@ deps:
 	@command -v redis-server >/dev/null || { echo "installing redis-server (apt)"; \
 	  (apt-get update -qq || sudo apt-get update -qq) && \
 	  (apt-get install -y -qq redis-server || sudo apt-get install -y -qq redis-server); }
+	@command -v openssl >/dev/null || { echo "installing openssl (apt; test TLS certificates)"; \
+	  (apt-get install -y -qq openssl || sudo apt-get install -y -qq openssl); }
 	@command -v go >/dev/null || { echo "error: Go is required to build the test cluster binaries"; exit 1; }
 
 venv: $(STAMP)

@@ -10,7 +10,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from workerkit import run_batch, save_tiff, submit, worker_env
+from workerkit import run_batch, save_tiff, spawn_worker, submit, worker_env
 
 from harness.ports import free_port
 from harness.redis_server import RedisServer, SentinelGroup
@@ -119,6 +119,21 @@ def test_bad_settings_are_one_line_errors(env, variable):
         connect(_settings(env))
     message = str(err.value)
     assert variable in message and "\n" not in message, message
+
+
+def test_worker_process_with_a_missing_ca_file_exits_with_one_line(model_server, bucket, tls_server):
+    env = worker_env(tls_server, model_server, bucket, REDIS_TLS_CA_FILE="/nonexistent/ca.pem",
+                     LOG_LEVEL="INFO")
+    proc = spawn_worker(env, "--max-jobs", "1")
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and "REDIS_TLS_CA_FILE" in lines[0] and "Traceback" not in err, err
 
 
 # --- Sentinel ----------------------------------------------------------------------------------

@@ -17,13 +17,13 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 from redis.connection import SSLConnection
+from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
 from kiosk_worker.settings import Settings, SettingsError
 
-__all__ = ["client_kwargs", "connect", "parse_sentinel_hosts", "tls_kwargs"]
+__all__ = ["client_kwargs", "connect", "parse_sentinel_hosts", "sentinel_kwargs", "tls_kwargs"]
 
 
 def parse_sentinel_hosts(text: str, default_port: int = 26379) -> list[tuple[str, int]]:
