@@ -222,8 +222,8 @@ def _redis(data: Mapping[str, Any]) -> RedisSpec:
         if not hosts:
             raise SpecError(f"{p}.sentinel.hosts: needs at least one host:port")
         for host in hosts:
-            if not re.fullmatch(r"[^:\s]+:\d{1,5}", host):
-                raise SpecError(f"{p}.sentinel.hosts: {host!r} is not host:port")
+            if not re.fullmatch(r"[^:\s]+:\d{1,5}", host) or not 0 < int(host.rsplit(":", 1)[1]) < 65536:
+                raise SpecError(f"{p}.sentinel.hosts: {host!r} is not host:port (port 1-65535)")
         sentinel = SentinelSpec(hosts, _str(s, "master", p + ".sentinel", "mymaster") or "mymaster")
     return RedisSpec(
         host=_str(data, "host", p, "redis-master") or "redis-master",

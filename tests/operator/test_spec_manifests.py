@@ -107,6 +107,7 @@ BAD = [
     ({"redis": {"port": 70000}}, "spec.redis.port"),
     ({"redis": {"passwordSecretRef": {"name": "x"}}}, "spec.redis.passwordSecretRef"),
     ({"redis": {"sentinel": {"hosts": ["nohost"]}}}, "spec.redis.sentinel.hosts"),
+    ({"redis": {"sentinel": {"hosts": ["s1:99999"]}}}, "spec.redis.sentinel.hosts"),
     ({"storage": {"bucket": "ftp://x"}}, "spec.storage.bucket"),
     ({"modelServer": {"deployment": {"replicas": 1}}}, "spec.modelServer.deployment.name"),
 ]

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = Runner(settings)
         runner.install_signal_handlers()
         runner.consumer = runner.build_consumer()
-    except UnknownConsumer as err:
+    except (UnknownConsumer, SettingsError) as err:
         return _fail(str(err))
     except Exception as err:  # storage or Redis settings that cannot work at all
         logging.getLogger("kiosk_worker").debug("startup failed", exc_info=True)
