@@ -14,11 +14,14 @@ test: deps venv cluster-binaries lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 deps:
-	@command -v redis-server >/dev/null || { echo "installing redis-server (apt)"; \
-	  (apt-get update -qq || sudo apt-get update -qq) && \
-	  (apt-get install -y -qq redis-server || sudo apt-get install -y -qq redis-server); }
-	@command -v openssl >/dev/null || { echo "installing openssl (apt; test TLS certificates)"; \
-	  (apt-get install -y -qq openssl || sudo apt-get install -y -qq openssl); }
+	@missing=""; \
+	  command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	  command -v openssl >/dev/null || missing="$$missing openssl"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing$$missing (apt)"; \
+	    SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; \
+	  fi
 	@command -v go >/dev/null || { echo "error: Go is required to build the test cluster binaries"; exit 1; }
 
 venv: $(STAMP)
