@@ -36,9 +36,10 @@ $(STAMP): pyproject.toml
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Build logs go to stderr so that `eval "$$(make -s cluster-up)"` sees only the export line.
 cluster-binaries: venv
-	bash tools/cluster/build.sh
-	cd tests && ../$(PY) -m harness.storage_servers build
+	bash tools/cluster/build.sh >&2
+	cd tests && ../$(PY) -m harness.storage_servers build >&2
 
 cluster-up: venv cluster-binaries
 	$(PY) tools/cluster/cluster.py up

@@ -48,13 +48,15 @@ def discover_queues(client: redis.Redis, configured: Iterable[str]) -> list[str]
 
     The registry scan is fine for a person running one command; the operator never scans.
     """
+    registered = [
+        key[len(protocol.WORKERS_PREFIX) :]
+        for key in client.scan_iter(match=protocol.WORKERS_PREFIX + "*", count=1000, _type="zset")
+    ]
     names: dict[str, None] = {}
-    for queue in configured:
+    for queue in [*configured, *registered]:
         names.setdefault(queue, None)
         if not queue.endswith(protocol.ZIP_SUFFIX):
             names.setdefault(queue + protocol.ZIP_SUFFIX, None)
-    for key in client.scan_iter(match=protocol.WORKERS_PREFIX + "*", count=1000, _type="zset"):
-        names.setdefault(key[len(protocol.WORKERS_PREFIX) :], None)
     return list(names)
 
 

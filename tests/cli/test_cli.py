@@ -16,6 +16,7 @@ import tifffile
 from harness.ports import free_port
 from harness.wait import wait_for
 from kiosk_cli import inputs, pools, track
+from kiosk_cli import status as status_cmd
 from kiosk_cli.errors import CliError
 from kiosk_worker import protocol
 from kiosk_worker.storage import open_storage
@@ -365,3 +366,9 @@ def test_main_in_process(redis_server, redis_client, bucket, tmp_path, monkeypat
     assert redis_client.lrange("inproc", 0, -1) == [key]
     assert main(["results", key, "--no-download"]) == 0
     assert "not finished yet (status new)" in capsys.readouterr().out
+
+
+def test_status_lists_the_zip_sibling_of_every_worker_queue(redis_client: redis.Redis) -> None:
+    protocol.JobStore(redis_client, "w1").heartbeat(["tracking"], ttl=5)
+    queues = status_cmd.discover_queues(redis_client, ["predict"])
+    assert queues == ["predict", "predict-zip", "tracking", "tracking-zip"]
