@@ -1,16 +1,29 @@
 """Queue depth of a pool from Redis: pending + in-flight via the worker registry, never SCAN.
 
 Thin on purpose: the key layout and the measurement live in kiosk_worker.protocol.
+RedisClients also holds the pools' TLS material (spec.redis.tlsSecretRef) as files in a
+private directory, because Python's ssl loads client certificates from files only.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import os
+import shutil
+import ssl
+import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import redis
 
-from kiosk_operator.spec import RedisSpec
+from kiosk_operator.manifests import TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY, tls_secret_keys
+from kiosk_operator.spec import RedisSpec, TLSSecretRef
 from kiosk_worker import protocol
 from kiosk_worker.protocol import WorkerState
 from kiosk_worker.redis_conn import connect
@@ -69,25 +82,93 @@ def measure(
     )
 
 
+@dataclass(frozen=True)
+class TLSMaterial:
+    """A pool's TLS Secret as PEM bytes; ``source`` is namespace/name, ``version`` its resourceVersion."""
+
+    source: str
+    version: str
+    ca: bytes
+    cert: bytes = b""
+    key: bytes = b""
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(b"\0".join((self.ca, self.cert, self.key))).hexdigest()[:32]
+
+
+def tls_material(secret: Mapping[str, Any], ref: TLSSecretRef) -> TLSMaterial:
+    """The keys a pool needs from its TLS Secret (as read from the API, data base64).
+
+    Pure. A missing or unusable key raises LookupError with one line naming it (SecretMissing).
+    """
+    meta = secret.get("metadata") or {}
+    source = f"{meta.get('namespace', '')}/{meta.get('name', ref.name)}"
+    data = secret.get("data") or {}
+    values: dict[str, bytes] = {}
+    for key in tls_secret_keys(ref):
+        raw = data.get(key)
+        if not raw:
+            why = " (clientCertificate is true)" if key != TLS_CA_KEY else ""
+            raise LookupError(f"Secret {source} has no key {key!r}{why}")
+        try:
+            values[key] = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise LookupError(f"Secret {source} key {key!r} is not base64") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=values[TLS_CA_KEY].decode("ascii"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError):
+        raise LookupError(f"Secret {source} key {TLS_CA_KEY!r} holds no PEM certificate") from None
+    return TLSMaterial(
+        source,
+        str(meta.get("resourceVersion", "")),
+        values[TLS_CA_KEY],
+        values.get(TLS_CERT_KEY, b""),
+        values.get(TLS_KEY_KEY, b""),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 class RedisClients:
-    """One client per distinct Redis of the pools (connection pools are reused across ticks)."""
+    """One client per distinct Redis (and TLS material) of the pools, reused across ticks.
+
+    TLS material is written once per content to ``<private dir>/<digest>/`` (dir 0700, files
+    0600). When a Secret's resourceVersion changes and its content with it, the clients and
+    files of the old content are dropped (unless another Secret still has that content).
+    """
 
     def __init__(self, timeout: float = 2.0) -> None:
         self.timeout = timeout
         self._clients: dict[tuple, redis.Redis] = {}
         self._lock = threading.Lock()
+        self._tls_dir: Path | None = None
+        #: Secret (namespace/name) -> (resourceVersion, content digest) last used.
+        self._tls_seen: dict[str, tuple[str, str]] = {}
 
-    def get(self, spec: RedisSpec, password: str = "") -> redis.Redis:
+    @property
+    def tls_dir(self) -> Path | None:
+        """The private directory of the TLS files (None until a pool uses tlsSecretRef)."""
+        return self._tls_dir
+
+    def get(self, spec: RedisSpec, password: str = "", tls: TLSMaterial | None = None) -> redis.Redis:
+        """The client for ``spec`` (created on first use; nothing is contacted yet)."""
         sentinel = spec.sentinel
-        key = (
-            spec.host,
-            spec.port,
-            spec.tls,
-            password,
-            sentinel.hosts if sentinel else (),
-            sentinel.master if sentinel else "",
-        )
         with self._lock:
+            files = self._tls_files(tls) if tls is not None and spec.tls else {}
+            key = (
+                spec.host,
+                spec.port,
+                spec.tls,
+                password,
+                sentinel.hosts if sentinel else (),
+                sentinel.master if sentinel else "",
+                files.get("digest", ""),
+            )
             client = self._clients.get(key)
             if client is None:
                 settings = Settings(
@@ -95,6 +176,9 @@ class RedisClients:
                     redis_port=spec.port,
                     redis_password=password,
                     redis_tls=spec.tls,
+                    redis_tls_ca_file=files.get("ca", ""),
+                    redis_tls_cert_file=files.get("cert", ""),
+                    redis_tls_key_file=files.get("key", ""),
                     redis_sentinel_hosts=",".join(sentinel.hosts) if sentinel else "",
                     redis_sentinel_master=sentinel.master if sentinel else "mymaster",
                     redis_timeout=self.timeout,
@@ -103,8 +187,39 @@ class RedisClients:
                 client = self._clients[key] = connect(settings)
             return client
 
+    def _tls_files(self, tls: TLSMaterial) -> dict[str, str]:
+        """Paths of the material's files (written when new); retires the Secret's previous content."""
+        seen = self._tls_seen.get(tls.source)
+        digest = seen[1] if seen and seen[0] == tls.version and tls.version else tls.digest
+        if self._tls_dir is None:
+            self._tls_dir = Path(tempfile.mkdtemp(prefix="kiosk-operator-tls-"))  # 0700
+        where = self._tls_dir / digest
+        files = {"digest": digest, "ca": str(where / TLS_CA_KEY)}
+        if tls.cert:
+            files.update(cert=str(where / TLS_CERT_KEY), key=str(where / TLS_KEY_KEY))
+        if not where.is_dir():
+            where.mkdir(mode=0o700)
+            _write_private(where / TLS_CA_KEY, tls.ca)
+            if tls.cert:
+                _write_private(where / TLS_CERT_KEY, tls.cert)
+                _write_private(where / TLS_KEY_KEY, tls.key)
+        self._tls_seen[tls.source] = (tls.version, digest)
+        if seen and seen[1] != digest and all(d != seen[1] for _, d in self._tls_seen.values()):
+            self._retire(seen[1])
+        return files
+
+    def _retire(self, digest: str) -> None:
+        for key in [k for k in self._clients if k[-1] == digest]:
+            self._clients.pop(key).close()
+        if self._tls_dir is not None:
+            shutil.rmtree(self._tls_dir / digest, ignore_errors=True)
+
     def close(self) -> None:
         with self._lock:
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+            self._tls_seen.clear()
+            if self._tls_dir is not None:
+                shutil.rmtree(self._tls_dir, ignore_errors=True)
+                self._tls_dir = None

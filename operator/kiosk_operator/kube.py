@@ -52,7 +52,7 @@ class Kube:
         self.batch = k8s.BatchV1Api(self.api_client)
         self.custom = k8s.CustomObjectsApi(self.api_client)
         self.timeout = request_timeout
-        self._secrets: dict[tuple[str, str, str], tuple[float, str]] = {}
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
     # -- deployments --
@@ -135,9 +135,13 @@ class Kube:
 
     # -- secrets --
 
-    def secret_value(self, namespace: str, name: str, key: str, max_age: float = 30.0) -> str:
-        """One key of a Secret, cached briefly (read every polling interval otherwise)."""
-        cache_key = (namespace, name, key)
+    def read_secret(self, namespace: str, name: str, max_age: float = 30.0) -> dict[str, Any]:
+        """A whole Secret (data still base64), cached briefly: pools read theirs every polling interval.
+
+        A changed Secret is seen within ``max_age`` (its metadata.resourceVersion tells callers).
+        Raises LookupError when it does not exist (reported as SecretMissing).
+        """
+        cache_key = (namespace, name)
         now = time.monotonic()
         with self._lock:
             hit = self._secrets.get(cache_key)
@@ -146,10 +150,13 @@ class Kube:
         secret = _or_none(self.core.read_namespaced_secret, name, namespace, _request_timeout=self.timeout)
         if secret is None:
             raise LookupError(f"Secret {namespace}/{name} not found")
-        raw = (secret.get("data") or {}).get(key)
+        with self._lock:
+            self._secrets[cache_key] = (now, secret)
+        return secret
+
+    def secret_value(self, namespace: str, name: str, key: str, max_age: float = 30.0) -> str:
+        """One key of a Secret, decoded (cached with the Secret)."""
+        raw = (self.read_secret(namespace, name, max_age).get("data") or {}).get(key)
         if raw is None:
             raise LookupError(f"Secret {namespace}/{name} has no key {key!r}")
-        value = base64.b64decode(raw).decode()
-        with self._lock:
-            self._secrets[cache_key] = (now, value)
-        return value
+        return base64.b64decode(raw).decode()

@@ -29,7 +29,7 @@ import redis
 import yaml
 
 from kiosk_operator import depth, reclaim, scaling
-from kiosk_operator.manifests import build_worker_env
+from kiosk_operator.manifests import build_worker_env, redis_tls_file_env
 from kiosk_operator.process_backend import DEFAULT_COMMAND, ProcessBackend
 from kiosk_operator.spec import KIND, PoolSpec, SpecError, parse_spec
 
@@ -82,13 +82,23 @@ def worker_env(spec: PoolSpec, base: Path, environ: Mapping[str, str] | None = N
     """The pod's env from ``manifests.build_worker_env`` as plain variables for a process.
 
     ``valueFrom`` entries cannot be resolved without Kubernetes: the pod name is set
-    by the backend, a secret must come from this process's own environment.
+    by the backend, a secret must come from this process's own environment. So must the
+    files of spec.redis.tlsSecretRef (mounted from a Secret in a pod).
     """
     environ = os.environ if environ is None else environ
+    ref = spec.redis.tls_secret_ref
+    tls_files = redis_tls_file_env(ref) if ref else {}
     env: dict[str, str] = {}
     for item in build_worker_env(spec):
         name = item["name"]
-        if "value" in item:
+        if name in tls_files and item.get("value") == tls_files[name]:
+            if not environ.get(name):
+                raise LocalError(
+                    f"{name}: spec.redis.tlsSecretRef names a Kubernetes Secret; "
+                    "in local mode set it in the environment to the PEM file"
+                )
+            env[name] = environ[name]
+        elif "value" in item:
             env[name] = str(item["value"])
         elif name == "WORKER_NAME":
             continue
@@ -102,6 +112,18 @@ def worker_env(spec: PoolSpec, base: Path, environ: Mapping[str, str] | None = N
     if "STORAGE_BUCKET" in env:
         env["STORAGE_BUCKET"] = local_bucket(env["STORAGE_BUCKET"], base)
     return env
+
+
+def local_tls(env: Mapping[str, str]) -> depth.TLSMaterial | None:
+    """The TLS files named in the workers' env (from spec.redis.tlsSecretRef), for our own client."""
+    names = ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")
+    if not env.get(names[0]) or env.get("REDIS_TLS") != "true":
+        return None
+    try:
+        ca, cert, key = (Path(env[n]).read_bytes() if env.get(n) else b"" for n in names)
+    except OSError as err:
+        raise LocalError(f"cannot read {err.filename}: {err.strerror}") from None
+    return depth.TLSMaterial("local", "", ca, cert, key)
 
 
 # --- helper services ------------------------------------------------------------------------
@@ -305,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
                              kill_after=spec.worker.termination_grace_period_seconds)
     if backend.workers:
         say(f"adopted {len(backend.workers)} running workers from a previous run")
-    client = depth.RedisClients(timeout=2.0).get(r)
+    client = depth.RedisClients(timeout=2.0).get(r, tls=local_tls(env))
     pool = LocalPool(name, spec, client, backend)
 
     stop = threading.Event()

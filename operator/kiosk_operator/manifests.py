@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiosk_operator.spec import GROUP, PoolSpec
+from kiosk_operator.spec import GROUP, PoolSpec, TLSSecretRef
 
 POOL_LABEL = f"{GROUP}/pool"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -19,6 +19,11 @@ WORKER_CONTAINER = "worker"
 WORKER_COMPONENT = "worker"
 JOB_COMPONENT = "job-worker"
 WORKER_COMMAND = "kiosk-worker"
+#: Where the pool's spec.redis.tlsSecretRef is mounted (read-only) in worker pods.
+REDIS_TLS_VOLUME = "redis-tls"
+REDIS_TLS_DIR = "/etc/kiosk/redis-tls"
+#: Keys of a TLS Secret (kubernetes.io/tls plus ca.crt), as cert-manager writes them.
+TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY = "ca.crt", "tls.crt", "tls.key"
 
 
 def pool_labels(pool_name: str, component: str = WORKER_COMPONENT) -> dict[str, str]:
@@ -57,6 +62,31 @@ def _bool(value: bool) -> str:
     return "true" if value else "false"
 
 
+def tls_secret_keys(ref: TLSSecretRef) -> tuple[str, ...]:
+    """The Secret keys a pool uses: only ca.crt unless it presents a client certificate."""
+    return (TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY) if ref.client_certificate else (TLS_CA_KEY,)
+
+
+def redis_tls_file_env(ref: TLSSecretRef) -> dict[str, str]:
+    """REDIS_TLS_*_FILE variables pointing at the mounted Secret's files."""
+    names = {TLS_CA_KEY: "REDIS_TLS_CA_FILE", TLS_CERT_KEY: "REDIS_TLS_CERT_FILE", TLS_KEY_KEY: "REDIS_TLS_KEY_FILE"}
+    return {names[key]: f"{REDIS_TLS_DIR}/{key}" for key in tls_secret_keys(ref)}
+
+
+def build_volumes(spec: PoolSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container volumeMounts): the TLS Secret, read-only, only the keys in use.
+
+    Listing the keys keeps other keys of the Secret (a CA's own tls.key, say) out of the pod.
+    """
+    ref = spec.redis.tls_secret_ref
+    if ref is None:
+        return [], []
+    items = [{"key": key, "path": key} for key in tls_secret_keys(ref)]
+    volume = {"name": REDIS_TLS_VOLUME, "secret": {"secretName": ref.name, "items": items}}
+    mount = {"name": REDIS_TLS_VOLUME, "mountPath": REDIS_TLS_DIR, "readOnly": True}
+    return [volume], [mount]
+
+
 def build_worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
     """The worker's environment: pool settings first, then the user's env (which wins on a clash)."""
     r, ms, st, w = spec.redis, spec.model_server, spec.storage, spec.worker
@@ -68,6 +98,8 @@ def build_worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
         _value("REDIS_PORT", r.port),
         _value("REDIS_TLS", _bool(r.tls)),
     ]
+    if r.tls_secret_ref:
+        env += [_value(name, path) for name, path in redis_tls_file_env(r.tls_secret_ref).items()]
     if r.password_secret_ref:
         ref = r.password_secret_ref
         env.append(
@@ -121,6 +153,9 @@ def _container(
         container["envFrom"] = env_from
     if w.resources:
         container["resources"] = dict(w.resources)
+    mounts = build_volumes(spec)[1]
+    if mounts:
+        container["volumeMounts"] = mounts
     return container
 
 
@@ -134,6 +169,9 @@ def build_pod_spec(
         "restartPolicy": restart_policy,
         "terminationGracePeriodSeconds": w.termination_grace_period_seconds,
     }
+    volumes = build_volumes(spec)[0]
+    if volumes:
+        pod["volumes"] = volumes
     if w.node_selector:
         pod["nodeSelector"] = dict(w.node_selector)
     if w.tolerations:

@@ -21,7 +21,7 @@ import redis
 from kubernetes.client.rest import ApiException
 
 from kiosk_operator import jobmode, manifests, metrics, reclaim
-from kiosk_operator.depth import HEARTBEAT_SLACK, Measurement, RedisClients, measure
+from kiosk_operator.depth import HEARTBEAT_SLACK, Measurement, RedisClients, TLSMaterial, measure, tls_material
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
 from kiosk_operator.scaling import DOWN, desired_workers
@@ -149,6 +149,12 @@ def _redis_password(kube: Kube, ns: str, spec: PoolSpec) -> str:
     return kube.secret_value(ns, ref.name, ref.key) if ref else ""
 
 
+def _redis_tls(kube: Kube, ns: str, spec: PoolSpec) -> TLSMaterial | None:
+    """The CA (and client certificate) of spec.redis.tlsSecretRef; LookupError when missing."""
+    ref = spec.redis.tls_secret_ref
+    return tls_material(kube.read_secret(ns, ref.name), ref) if ref else None
+
+
 def set_deletion_costs(kube: Kube, ns: str, pods: list[dict[str, Any]], busy: frozenset[str]) -> int:
     """Busy workers get a high pod-deletion-cost, idle ones a low one; returns pods patched."""
     patched = 0
@@ -228,7 +234,7 @@ def scaling_cycle(
     # 1. Measure.
     try:
         password = _redis_password(kube, ns, spec)
-        client = clients.get(spec.redis, password)
+        client = clients.get(spec.redis, password, _redis_tls(kube, ns, spec))
         ttl = spec.worker.heartbeat_interval_seconds * 3 + HEARTBEAT_SLACK
         m: Measurement = measure(client, spec.queues, t, heartbeat_ttl=ttl)
         if reclaim_step(kube, client, pool, spec, m, state, events, t, logger):

@@ -35,6 +35,14 @@ class SecretKeyRef:
 
 
 @dataclass(frozen=True)
+class TLSSecretRef:
+    """A Secret with ca.crt (and tls.crt/tls.key when client_certificate): Redis's CA, our client cert."""
+
+    name: str
+    client_certificate: bool = False
+
+
+@dataclass(frozen=True)
 class SentinelSpec:
     hosts: tuple[str, ...]
     master: str = "mymaster"
@@ -47,6 +55,7 @@ class RedisSpec:
     password_secret_ref: SecretKeyRef | None = None
     tls: bool = False
     sentinel: SentinelSpec | None = None
+    tls_secret_ref: TLSSecretRef | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +222,18 @@ def _secret_key_ref(data: Any, path: str) -> SecretKeyRef | None:
     return SecretKeyRef(name, key)
 
 
+def _tls_secret_ref(data: Any, path: str, tls: bool) -> TLSSecretRef | None:
+    if data is None:
+        return None
+    data = _obj(data, path)
+    name = _str(data, "name", path).strip()
+    if not name:
+        raise SpecError(f"{path}.name: is required")
+    if not tls:
+        raise SpecError(f"{path}: needs spec.redis.tls set to true")
+    return TLSSecretRef(name, _bool(data, "clientCertificate", path, False))
+
+
 def _redis(data: Mapping[str, Any]) -> RedisSpec:
     p = "spec.redis"
     sentinel = None
@@ -225,12 +246,14 @@ def _redis(data: Mapping[str, Any]) -> RedisSpec:
             if not re.fullmatch(r"[^:\s]+:\d{1,5}", host) or not 0 < int(host.rsplit(":", 1)[1]) < 65536:
                 raise SpecError(f"{p}.sentinel.hosts: {host!r} is not host:port (port 1-65535)")
         sentinel = SentinelSpec(hosts, _str(s, "master", p + ".sentinel", "mymaster") or "mymaster")
+    tls = _bool(data, "tls", p, False)
     return RedisSpec(
         host=_str(data, "host", p, "redis-master") or "redis-master",
         port=_port(data, "port", p, 6379),
         password_secret_ref=_secret_key_ref(data.get("passwordSecretRef"), p + ".passwordSecretRef"),
-        tls=_bool(data, "tls", p, False),
+        tls=tls,
         sentinel=sentinel,
+        tls_secret_ref=_tls_secret_ref(data.get("tlsSecretRef"), p + ".tlsSecretRef", tls),
     )
 
 

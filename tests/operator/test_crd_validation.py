@@ -51,6 +51,12 @@ INVALID = [
         "spec.redis.passwordSecretRef.key",
     ),
     (
+        "tls-secret-without-tls",
+        {"redis": {"tlsSecretRef": {"name": "redis-tls"}}},
+        "spec.redis.tlsSecretRef needs spec.redis.tls",
+    ),
+    ("tls-secret-without-name", {"redis": {"tls": True, "tlsSecretRef": {}}}, "spec.redis.tlsSecretRef.name"),
+    (
         "sentinel-not-host-port",
         {"redis": {"sentinel": {"hosts": ["nohost"]}}},
         "spec.redis.sentinel.hosts[0]",
@@ -97,6 +103,13 @@ def test_valid_pool_gets_defaults(k8s_cluster, k8s_namespace, crd):
     assert spec["redis"] == {"host": "redis-master", "port": 6379, "tls": False}
     assert spec["worker"]["graceSeconds"] == 25 and spec["worker"]["terminationGracePeriodSeconds"] == 30
     assert spec["reclaim"] == {"enabled": True, "legacyProcessingLists": False}
+
+
+def test_tls_secret_ref_gets_defaults(k8s_cluster, k8s_namespace, crd):
+    body = copy.deepcopy(VALID)
+    body["spec"]["redis"] = {"tls": True, "tlsSecretRef": {"name": "redis-tls"}}
+    created = k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), body)
+    assert created["spec"]["redis"]["tlsSecretRef"] == {"name": "redis-tls", "clientCertificate": False}
 
 
 def test_scale_subresource_sets_the_ceiling(k8s_cluster, k8s_namespace, crd):

@@ -122,6 +122,28 @@ def test_secret_reference_needs_env_in_local_mode(tmp_path: Path):
     assert local.worker_env(spec, tmp_path, environ={"REDIS_PASSWORD": "pw"})["REDIS_PASSWORD"] == "pw"
 
 
+def test_tls_secret_files_come_from_env_in_local_mode(tmp_path: Path):
+    pool = write_pool(tmp_path / "p.yaml", "s", 1, 2, tmp_path)
+    import yaml
+
+    doc = yaml.safe_load(pool.read_text())
+    doc["spec"]["redis"].update(tls=True, tlsSecretRef={"name": "redis-tls", "clientCertificate": True})
+    pool.write_text(yaml.safe_dump(doc))
+    _, spec, _ = local.load_pool(pool)
+    with pytest.raises(local.LocalError, match="REDIS_TLS_CA_FILE: spec.redis.tlsSecretRef"):
+        local.worker_env(spec, tmp_path, environ={})
+    files = {n: tmp_path / f"{n}.pem" for n in ("REDIS_TLS_CA_FILE", "REDIS_TLS_CERT_FILE", "REDIS_TLS_KEY_FILE")}
+    for name, path in files.items():
+        path.write_bytes(name.encode())
+    env = local.worker_env(spec, tmp_path, environ={n: str(p) for n, p in files.items()})
+    assert {n: env[n] for n in files} == {n: str(p) for n, p in files.items()}
+    tls = local.local_tls(env)
+    assert (tls.ca, tls.cert, tls.key) == (b"REDIS_TLS_CA_FILE", b"REDIS_TLS_CERT_FILE", b"REDIS_TLS_KEY_FILE")
+    files["REDIS_TLS_KEY_FILE"].unlink()
+    with pytest.raises(local.LocalError, match="cannot read"):
+        local.local_tls(env)
+
+
 def test_relative_file_bucket_is_resolved(tmp_path: Path):
     assert local.local_bucket("file://data/b", tmp_path) == f"file://{tmp_path}/data/b"
     assert local.local_bucket("file:///abs/b", tmp_path) == "file:///abs/b"

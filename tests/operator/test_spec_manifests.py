@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kiosk_operator import drift, manifests, rbac
-from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
+from kiosk_operator.spec import PoolSpec, SpecError, TLSSecretRef, parse_spec
 from kiosk_worker.settings import ENV_NAMES, load_settings
 
 CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "consumerpool.yaml").read_text())
@@ -37,6 +37,7 @@ def full_spec() -> dict:
             "port": 6380,
             "passwordSecretRef": {"name": "r", "key": "pw"},
             "tls": True,
+            "tlsSecretRef": {"name": "redis-tls", "clientCertificate": True},
             "sentinel": {"hosts": ["s1:26379", "s2:26379"], "master": "main"},
         },
         "modelServer": {"host": "tfs", "port": 8600, "deployment": {"name": "tfs", "replicas": 2}},
@@ -69,6 +70,11 @@ def test_defaults_match_the_crd():
     assert spec.worker.grace_seconds == w["graceSeconds"]["default"]
     assert spec.worker.termination_grace_period_seconds == w["terminationGracePeriodSeconds"]["default"]
     assert spec.reclaim.enabled is True
+    ref = props["redis"]["properties"]["tlsSecretRef"]["properties"]
+    assert spec.redis.tls_secret_ref is None
+    assert parse_spec({**MINIMAL, "redis": {"tls": True, "tlsSecretRef": {"name": "t"}}}).redis.tls_secret_ref == (
+        TLSSecretRef("t", ref["clientCertificate"]["default"])
+    )
 
 
 def test_every_crd_field_has_a_description():
@@ -107,6 +113,13 @@ BAD = [
     ({"redis": {"port": 70000}}, "spec.redis.port"),
     ({"redis": {"passwordSecretRef": {"name": "x"}}}, "spec.redis.passwordSecretRef"),
     ({"redis": {"sentinel": {"hosts": ["nohost"]}}}, "spec.redis.sentinel.hosts"),
+    ({"redis": {"tlsSecretRef": {"name": "t"}}}, "spec.redis.tlsSecretRef"),
+    ({"redis": {"tls": True, "tlsSecretRef": {"name": " "}}}, "spec.redis.tlsSecretRef.name"),
+    ({"redis": {"tls": True, "tlsSecretRef": "t"}}, "spec.redis.tlsSecretRef"),
+    (
+        {"redis": {"tls": True, "tlsSecretRef": {"name": "t", "clientCertificate": "yes"}}},
+        "spec.redis.tlsSecretRef.clientCertificate",
+    ),
     ({"redis": {"sentinel": {"hosts": ["s1:99999"]}}}, "spec.redis.sentinel.hosts"),
     ({"storage": {"bucket": "ftp://x"}}, "spec.storage.bucket"),
     ({"modelServer": {"deployment": {"replicas": 1}}}, "spec.modelServer.deployment.name"),
@@ -152,6 +165,12 @@ def test_worker_env_is_readable_by_the_worker_settings():
     assert by_name["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "r", "key": "pw"}}
     assert by_name["WORKER_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert "pw" not in str(plain.values())
+    tls_dir = manifests.REDIS_TLS_DIR
+    assert (settings.redis_tls_ca_file, settings.redis_tls_cert_file, settings.redis_tls_key_file) == (
+        f"{tls_dir}/ca.crt",
+        f"{tls_dir}/tls.crt",
+        f"{tls_dir}/tls.key",
+    )
 
 
 def test_no_password_env_without_secret():
@@ -177,6 +196,64 @@ def test_build_deployment():
     assert pod["serviceAccountName"] == "worker" and pod["terminationGracePeriodSeconds"] == 60
     assert pod["restartPolicy"] == "Always"
     assert manifests.label_selector("seg") == ",".join(f"{k}={v}" for k, v in sel.items())
+
+
+def _tls_spec(client_certificate: bool | None = None, env: list | None = None) -> PoolSpec:
+    ref: dict = {"name": "redis-ca"}
+    if client_certificate is not None:
+        ref["clientCertificate"] = client_certificate
+    worker = {"image": "kiosk-worker:1", "env": env or []}
+    return parse_spec({**MINIMAL, "worker": worker, "redis": {"tls": True, "tlsSecretRef": ref}})
+
+
+def _pod_and_container(obj: dict) -> tuple[dict, dict]:
+    pod = obj["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+@pytest.mark.parametrize("kind", ["deployment", "job"])
+def test_tls_secret_mounted_read_only_with_only_the_ca(kind):
+    spec = _tls_spec()
+    obj = manifests.build_deployment("seg", "ns", spec, 1) if kind == "deployment" else manifests.build_job(
+        "seg", "ns", spec, 0
+    )
+    pod, c = _pod_and_container(obj)
+    assert pod["volumes"] == [
+        {
+            "name": manifests.REDIS_TLS_VOLUME,
+            "secret": {"secretName": "redis-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+        }
+    ]
+    assert c["volumeMounts"] == [
+        {"name": manifests.REDIS_TLS_VOLUME, "mountPath": manifests.REDIS_TLS_DIR, "readOnly": True}
+    ]
+    env = _env(c["env"])
+    assert env["REDIS_TLS"] == "true"
+    assert env["REDIS_TLS_CA_FILE"] == f"{manifests.REDIS_TLS_DIR}/ca.crt"
+    assert "REDIS_TLS_CERT_FILE" not in env and "REDIS_TLS_KEY_FILE" not in env
+    settings = load_settings({e["name"]: e["value"] for e in c["env"] if "value" in e})
+    assert settings.redis_tls_ca_file == f"{manifests.REDIS_TLS_DIR}/ca.crt"
+
+
+def test_tls_secret_with_client_certificate_mounts_cert_and_key():
+    pod, c = _pod_and_container(manifests.build_deployment("seg", "ns", _tls_spec(True), 1))
+    items = pod["volumes"][0]["secret"]["items"]
+    assert [i["key"] for i in items] == ["ca.crt", "tls.crt", "tls.key"]
+    env = _env(c["env"])
+    mounted = {f"{manifests.REDIS_TLS_DIR}/{i['path']}" for i in items}
+    assert {env["REDIS_TLS_CA_FILE"], env["REDIS_TLS_CERT_FILE"], env["REDIS_TLS_KEY_FILE"]} == mounted
+    # The env points into the mount, and the mount into the volume.
+    assert c["volumeMounts"][0]["name"] == pod["volumes"][0]["name"]
+
+
+def test_tls_user_env_wins_and_no_volume_without_secret_ref():
+    spec = _tls_spec(env=[{"name": "REDIS_TLS_CA_FILE", "value": "/custom/ca.pem"}])
+    pod, c = _pod_and_container(manifests.build_deployment("seg", "ns", spec, 1))
+    assert [e["value"] for e in c["env"] if e["name"] == "REDIS_TLS_CA_FILE"] == ["/custom/ca.pem"]
+    plain = parse_spec({**MINIMAL, "redis": {"tls": True}})
+    pod, c = _pod_and_container(manifests.build_deployment("seg", "ns", plain, 1))
+    assert "volumes" not in pod and "volumeMounts" not in c
+    assert not any(e["name"].startswith("REDIS_TLS_") for e in c["env"])
 
 
 def test_build_job_runs_batch_mode():
@@ -210,6 +287,8 @@ def _api_defaulted(dep: dict) -> dict:
     c = pod["containers"][0]
     c["terminationMessagePath"] = "/dev/termination-log"
     c["resources"] = {"limits": {"nvidia.com/gpu": "1", "memory": "512Mi", "cpu": "500m"}}
+    for volume in pod.get("volumes", []):
+        volume["secret"]["defaultMode"] = 420
     return live
 
 
@@ -222,7 +301,9 @@ def test_drift_ignores_api_defaults_and_replicas():
     assert drift.deployment_drift(want, live) == []
 
 
-@pytest.mark.parametrize("edit", ["image", "env-added", "env-changed", "label", "sidecar", "selector"])
+@pytest.mark.parametrize(
+    "edit", ["image", "env-added", "env-changed", "label", "sidecar", "selector", "volume", "mount"]
+)
 def test_drift_detects_hand_edits(edit):
     want = manifests.build_deployment("seg", "ns", parse_spec(full_spec()), 2)
     live = _api_defaulted(want)
@@ -239,6 +320,10 @@ def test_drift_detects_hand_edits(edit):
         live["spec"]["template"]["spec"]["containers"].append({"name": "side", "image": "x"})
     elif edit == "selector":
         live["spec"]["selector"]["matchLabels"] = {"a": "b"}
+    elif edit == "volume":
+        live["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] = "other"
+    elif edit == "mount":
+        c["volumeMounts"][0]["readOnly"] = False
     assert drift.deployment_drift(want, live)
 
 
