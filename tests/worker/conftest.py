@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import workerkit
 
 from kiosk_model_server import ModelServer
 
@@ -28,6 +29,14 @@ def tiled_model_server() -> Iterator[ModelServer]:
     server = ModelServer(models=["segmentation"], tile=64).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def reap_workers() -> Iterator[None]:
+    """No worker process a test spawned outlives it: a stray worker blocked on a shared
+    queue would take a later test's jobs (the db is flushed per test, processes are not)."""
+    yield
+    workerkit.reap_workers()
 
 
 @pytest.fixture()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from harness.wait import wait_for
 from kiosk_model_server import ModelServer
 from kiosk_model_server.synthetic import make_cells
 from kiosk_worker import protocol
+
+
+@pytest.fixture()
+def queue() -> str:
+    """A queue of this test's own: a worker left over from any other test (the Redis server
+    is shared by the whole session) cannot take its jobs, so queue contents are exact."""
+    return f"runner-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture()
@@ -36,9 +44,14 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]
     return proc.returncode, err
 
 
-def _image_job(client, bucket: Path, name: str = "cells.tif") -> str:
+def _image_job(client, bucket: Path, name: str = "cells.tif", queue: str = "segmentation") -> str:
     image, _ = make_cells((96, 96), 6, seed=11)
-    return submit(client, save_tiff(bucket, name, image))
+    return submit(client, save_tiff(bucket, name, image), queue=queue)
+
+
+def _who(client, *keys: str) -> dict[str, dict[str, str]]:
+    """Status and last writer of jobs, for assertion messages."""
+    return {k: {f: client.hget(k, f) for f in ("status", "identity_started", "updated_by")} for k in keys}
 
 
 def _status(client, key: str, *wanted: str):
@@ -54,14 +67,14 @@ def test_batch_mode_exits_zero_on_an_empty_queue(redis_client, redis_server, mod
     assert not redis_client.exists(protocol.worker_info_key("batch-1"))
 
 
-def test_batch_mode_stops_after_max_jobs(redis_client, redis_server, model_server, bucket):
-    keys = [_image_job(redis_client, bucket, f"b{i}.tif") for i in range(3)]
-    proc = spawn_worker(worker_env(redis_server, model_server, bucket, EMPTY_QUEUE_TIMEOUT=30),
-                        "--max-jobs", "2")
+def test_batch_mode_stops_after_max_jobs(redis_client, redis_server, model_server, bucket, queue):
+    keys = [_image_job(redis_client, bucket, f"b{i}.tif", queue) for i in range(3)]
+    proc = spawn_worker(worker_env(redis_server, model_server, bucket, EMPTY_QUEUE_TIMEOUT=30,
+                                   QUEUE=queue), "--max-jobs", "2")
     code, err = _finish(proc)
     assert code == 0, err
-    assert [redis_client.hget(k, "status") for k in keys] == ["done", "done", "new"]
-    assert redis_client.lrange("segmentation", 0, -1) == [keys[2]]
+    assert [redis_client.hget(k, "status") for k in keys] == ["done", "done", "new"], _who(redis_client, *keys)
+    assert redis_client.lrange(queue, 0, -1) == [keys[2]]
 
 
 @pytest.mark.parametrize("env, flag, variable", [
@@ -92,60 +105,62 @@ def test_sigterm_while_idle_exits_promptly(redis_client, redis_server, model_ser
 
 
 def test_sigterm_mid_job_finishes_it_within_the_grace_period(redis_client, redis_server, slow_server,
-                                                             bucket):
+                                                             bucket, queue):
     slow_server.set_latency(1500)
-    key = _image_job(redis_client, bucket)
-    waiting = _image_job(redis_client, bucket, "next.tif")
+    key = _image_job(redis_client, bucket, queue=queue)
+    waiting = _image_job(redis_client, bucket, "next.tif", queue)
     proc = spawn_worker(worker_env(redis_server, slow_server, bucket, GRACE_PERIOD=30,
-                                   WORKER_NAME="drain-1"))
+                                   WORKER_NAME="drain-1", QUEUE=queue))
     wait_for(_status(redis_client, key, "pre-processing", "predicting"), 20, "job started")
     proc.send_signal(signal.SIGTERM)
     code, err = _finish(proc)
     assert code == 0, err
     assert redis_client.hget(key, "status") == "done"
     # No new job was taken after SIGTERM.
-    assert redis_client.hget(waiting, "status") == "new"
-    assert redis_client.lrange("segmentation", 0, -1) == [waiting]
-    assert redis_client.llen(protocol.processing_key("segmentation", "drain-1")) == 0
-    assert redis_client.zcard(protocol.workers_key("segmentation")) == 0
+    assert redis_client.hget(waiting, "status") == "new", _who(redis_client, waiting)
+    assert redis_client.lrange(queue, 0, -1) == [waiting]
+    assert redis_client.llen(protocol.processing_key(queue, "drain-1")) == 0
+    assert redis_client.zcard(protocol.workers_key(queue)) == 0
 
 
 def test_sigterm_past_the_grace_period_requeues_the_job_in_front(redis_client, redis_server,
-                                                                 slow_server, bucket):
+                                                                 slow_server, bucket, queue):
     slow_server.set_latency(5000)
-    key = _image_job(redis_client, bucket)
+    key = _image_job(redis_client, bucket, queue=queue)
     proc = spawn_worker(worker_env(redis_server, slow_server, bucket, GRACE_PERIOD=0.3,
-                                   WORKER_NAME="drain-2"))
+                                   WORKER_NAME="drain-2", QUEUE=queue))
     wait_for(_status(redis_client, key, "pre-processing", "predicting"), 20, "job started")
-    later = _image_job(redis_client, bucket, "later.tif")  # queued behind: must not overtake
+    later = _image_job(redis_client, bucket, "later.tif", queue)  # queued behind: must not overtake
     proc.send_signal(signal.SIGTERM)
     code, err = _finish(proc, timeout=15)
     assert code == 0, err
-    assert redis_client.lrange("segmentation", 0, -1) == [later, key]  # right end is taken next
-    assert redis_client.llen(protocol.processing_key("segmentation", "drain-2")) == 0
+    # Right end is taken next. (This once failed with `later` gone while the test shared the
+    # 'segmentation' queue with every other test: a stray worker of another test took it.)
+    assert redis_client.lrange(queue, 0, -1) == [later, key], _who(redis_client, later, key)
+    assert redis_client.llen(protocol.processing_key(queue, "drain-2")) == 0
     assert redis_client.hget(key, "status") == "new"
     # It really is retried first, and completes.
     slow_server.set_latency(0)
-    settings = settings_for(redis_server, slow_server, bucket)
+    settings = settings_for(redis_server, slow_server, bucket, QUEUE=queue)
     runner = run_batch(settings, max_jobs=1)
     assert runner.stats.jobs_done == 1 and redis_client.hget(key, "status") == "done"
 
 
 def test_sigkill_mid_job_leaves_the_item_in_the_processing_list(redis_client, redis_server, slow_server,
-                                                                bucket):
+                                                                bucket, queue):
     slow_server.set_latency(5000)
-    key = _image_job(redis_client, bucket)
-    proc = spawn_worker(worker_env(redis_server, slow_server, bucket, WORKER_NAME="victim"))
+    key = _image_job(redis_client, bucket, queue=queue)
+    proc = spawn_worker(worker_env(redis_server, slow_server, bucket, WORKER_NAME="victim", QUEUE=queue))
     wait_for(_status(redis_client, key, "predicting"), 20, "job predicting")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=10)
-    processing = protocol.processing_key("segmentation", "victim")
+    processing = protocol.processing_key(queue, "victim")
     assert redis_client.lrange(processing, 0, -1) == [key]
-    assert redis_client.llen("segmentation") == 0
+    assert redis_client.llen(queue) == 0
     # The operator's reclaim puts it back; another worker completes it.
-    assert protocol.reclaim_list(redis_client, processing, "segmentation")["requeued"] == 1
+    assert protocol.reclaim_list(redis_client, processing, queue)["requeued"] == 1
     slow_server.set_latency(0)
-    run_batch(settings_for(redis_server, slow_server, bucket, WORKER_NAME="rescuer"))
+    run_batch(settings_for(redis_server, slow_server, bucket, WORKER_NAME="rescuer", QUEUE=queue))
     assert redis_client.hget(key, "status") == "done"
 
 
@@ -227,3 +242,14 @@ def test_worker_module_runs_with_python_dash_m(redis_server, model_server, bucke
     out = subprocess.run([sys.executable, "-m", "kiosk_worker", "--max-jobs", "1"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_reap_workers_ends_a_worker_its_test_left_running(redis_client, redis_server, model_server,
+                                                          bucket, queue):
+    import workerkit
+
+    proc = spawn_worker(worker_env(redis_server, model_server, bucket, QUEUE=queue,
+                                   EMPTY_QUEUE_TIMEOUT=60, WORKER_NAME="stray"))
+    wait_for(lambda: redis_client.exists(protocol.worker_info_key("stray")), 20, "worker registered")
+    assert workerkit.reap_workers() == [proc.pid]
+    assert proc.returncode is not None and not workerkit.SPAWNED

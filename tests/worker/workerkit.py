@@ -61,10 +61,30 @@ def run_batch(settings: Settings, max_jobs: int = 1000) -> Runner:
     return runner
 
 
+#: Every process spawn_worker started; ``reap_workers`` ends those still running.
+SPAWNED: list[subprocess.Popen[str]] = []
+
+
 def spawn_worker(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``kiosk-worker`` as a process; it is killed at the end of the test if still running
+    (conftest's ``reap_workers``), so it can never take jobs from a later test."""
     full = {**os.environ, **env}
-    return subprocess.Popen([str(WORKER_BIN), *args], env=full, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(WORKER_BIN), *args], env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    SPAWNED.append(proc)
+    return proc
+
+
+def reap_workers() -> list[int]:
+    """SIGKILL spawned workers that are still running and wait for them; returns their pids."""
+    leftover = []
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            leftover.append(proc.pid)
+            proc.kill()
+        proc.communicate()  # waits and closes the pipes
+    return leftover
 
 
 def save_tiff(bucket: Path, name: str, image: np.ndarray) -> str:

@@ -104,8 +104,8 @@ def parse_processing_key(key: str) -> tuple[str, str] | None:
 
 def utc_now_iso() -> str:
     """Kiosk timestamps: ISO 8601 in UTC with a trailing 'Z'."""
-    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-    return now.isoformat(timespec="microseconds") + "Z"
+    # '+00:00' -> 'Z' (slicing is cheaper than replace(tzinfo=None); called ~7 times a job).
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def default_worker_name() -> str:

@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["label_members", "result_stem", "save_arrays", "save_labels", "zip_arrays", "zip_arrays_bytes", "zip_files"]
+__all__ = ["label_members", "result_stem", "save_arrays", "save_labels", "tiff_bytes", "zip_arrays", "zip_arrays_bytes",
+           "zip_files"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 #: Deflate level of result zips.
@@ -54,7 +55,7 @@ def save_arrays(arrays: Mapping[str, np.ndarray], out_dir: str, stem: str) -> li
     paths = []
     for name, arr in arrays.items():
         path = os.path.join(out_dir, f"{stem}_{_UNSAFE.sub('_', name)}.tif")
-        tifffile.imwrite(path, np.ascontiguousarray(arr), compression="zlib")
+        tifffile.imwrite(path, np.ascontiguousarray(arr), compression="zlib", photometric="minisblack")
         paths.append(path)
     return paths
 
@@ -83,14 +84,28 @@ def zip_arrays_bytes(members: Mapping[str, np.ndarray]) -> bytes:
 
 
 def _write_zip(members: Mapping[str, np.ndarray], fh: BinaryIO) -> None:
-    import tifffile
-
     # Level 1: ~2.5x faster than the default 6 on label TIFFs, still ~60x smaller than raw.
     with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as zf:
         for name, arr in members.items():
-            buf = io.BytesIO()
-            tifffile.imwrite(buf, np.ascontiguousarray(arr))
-            zf.writestr(name, buf.getvalue())
+            zf.writestr(name, tiff_bytes(arr))
+
+
+def tiff_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as an uncompressed TIFF.
+
+    2D images (every segmentation result) go through libtiff (imagecodecs), ~10x faster
+    than tifffile's pure-Python tag writer on small images; stacks go through tifffile.
+    """
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim == 2 and arr.size:
+        import imagecodecs
+
+        return bytes(imagecodecs.tiff_encode(arr))
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, photometric="minisblack")  # a 3-frame stack is not RGB
+    return buf.getvalue()
 
 
 def zip_files(paths: Iterable[str], zip_path: str) -> str:

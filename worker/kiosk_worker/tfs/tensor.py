@@ -9,6 +9,7 @@ generated messages or TensorFlow's own (they share attribute names).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -168,7 +169,7 @@ def to_ndarray(tensor: Any, copy: bool = True) -> np.ndarray:
     if tensor.tensor_shape.unknown_rank:
         raise ValueError("tensor has unknown rank")
     shape = tuple(int(d.size) for d in tensor.tensor_shape.dim)
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)  # exact ints; np.prod costs ~3 us per call
     content = tensor.tensor_content
     if content:
         if tf_dtype == _DT_STRING:
