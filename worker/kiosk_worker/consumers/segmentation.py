@@ -33,6 +33,20 @@ class SegmentationConsumer(TensorFlowServingConsumer):
     tile_overlap = 0.25
 
     def _consume(self, redis_hash: str) -> str:
+        labels, stem = self.segment(redis_hash)
+        self.set_status(redis_hash, protocol.SAVING_RESULTS)
+        data = results.zip_arrays_bytes(results.label_members(labels, stem))
+        with self.timed("upload_time"):
+            dest, url = self.storage.upload_data(data, f"{stem}.zip")
+        self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
+        return self.final_status
+
+    def segment(self, redis_hash: str) -> tuple[np.ndarray, str]:
+        """Download, load, predict and post-process the job's input: (labels, result stem).
+
+        Shared by every consumer that segments before doing its own saving (e.g. tracking);
+        statuses run from pre-processing to post-processing.
+        """
         job = self.job
         model_name, model_version = job.get("model_name", ""), job.get("model_version", "")
         input_name = job.get("input_file_name", "")
@@ -51,14 +65,7 @@ class SegmentationConsumer(TensorFlowServingConsumer):
 
         self.set_status(redis_hash, protocol.POST_PROCESSING)
         labels = self.postprocess(outputs)
-
-        self.set_status(redis_hash, protocol.SAVING_RESULTS)
-        stem = results.result_stem(job.get("original_name") or input_name)
-        data = results.zip_arrays_bytes(results.label_members(labels, stem))
-        with self.timed("upload_time"):
-            dest, url = self.storage.upload_data(data, f"{stem}.zip")
-        self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
-        return self.final_status
+        return labels, results.result_stem(job.get("original_name") or input_name)
 
     # -- steps (overridable) -------------------------------------------------
     def load(self, local_path: str, job: dict[str, str]) -> np.ndarray:

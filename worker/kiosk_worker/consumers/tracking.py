@@ -17,7 +17,7 @@ import numpy as np
 
 from kiosk_worker import imaging, protocol, results, tracking
 from kiosk_worker.consumers.segmentation import SegmentationConsumer
-from kiosk_worker.errors import BadImage, JobError
+from kiosk_worker.errors import BadImage
 
 __all__ = ["TrackingConsumer", "movie_order"]
 
@@ -41,28 +41,10 @@ class TrackingConsumer(SegmentationConsumer):
     params = tracking.TrackingParams()
 
     def _consume(self, redis_hash: str) -> str:
-        job = self.job  # read with the start of the job, no second round trip
-        model_name, model_version = job.get("model_name", ""), job.get("model_version", "")
-        input_name = job.get("input_file_name", "")
-        if not input_name:
-            raise JobError("the job names no input file (input_file_name is empty)")
-
-        self.set_status(redis_hash, protocol.PRE_PROCESSING)
-        with self.timed("download_time"):
-            local = self.storage.readable_path(input_name, self.tempdir)
-        movie = self.load(local, job)
-        inputs = self.get_model_metadata(model_name, model_version)
-        movie, tile = self.fit_model(movie, inputs, job.get("channels", ""), model_name)
-
-        self.set_status(redis_hash, protocol.PREDICTING)
-        outputs = self.predict(movie, model_name, model_version, tile)
-
-        self.set_status(redis_hash, protocol.POST_PROCESSING)
-        labels = self.postprocess(outputs)
+        labels, stem = self.segment(redis_hash)  # every frame through the model
         result = tracking.track(labels, self.params)
 
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
-        stem = results.result_stem(job.get("original_name") or input_name)
         paths = self.save(result, stem)
         zip_path = results.zip_files(paths, os.path.join(self.tempdir, f"{stem}.zip"))
         with self.timed("upload_time"):
