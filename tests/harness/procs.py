@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from pathlib import Path
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
@@ -15,3 +17,25 @@ def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+class ServerProcess:
+    """Lifecycle shared by the test servers: one process (``proc``) and a scratch dir (``dir``)."""
+
+    proc: subprocess.Popen | None
+    dir: Path
+
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

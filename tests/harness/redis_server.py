@@ -18,7 +18,7 @@ from typing import TypeVar
 import redis
 
 from harness.ports import free_port
-from harness.procs import stop_process
+from harness.procs import ServerProcess, stop_process
 from harness.wait import WaitTimeout, wait_for
 
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class TestCA:
         return kwargs
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """Start/stop/restart a redis-server process; data dir survives restarts (AOF optional).
 
     ``tls=True`` serves TLS only (no plain port; ``ca`` shares a CA between servers, else
@@ -216,17 +216,6 @@ class RedisServer:
         if acked < replicas:
             raise RuntimeError(f"only {acked} of {replicas} replicas caught up within {timeout}s")
 
-    def stop(self) -> None:
-        stop_process(self.proc, 10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def role(self) -> str:
         """'master' or 'slave', as the server itself reports it now."""

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from harness.ports import free_port
-from harness.procs import stop_process
+from harness.procs import ServerProcess
 from harness.wait import wait_for
 
 FAKE_GCS_VERSION = "v1.56.1"
@@ -75,7 +75,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, what: str, ti
     wait_for(ready, timeout=timeout, message=f"{what} to answer on {url}", interval=0.05)
 
 
-class _Process:
+class _Process(ServerProcess):
     """A server subprocess with a log file; start/stop/restart on the same port."""
 
     name = "server"
@@ -107,17 +107,6 @@ class _Process:
             raise
         return self
 
-    def stop(self) -> None:
-        stop_process(self.proc, 10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class MotoS3Server(_Process):
