@@ -175,11 +175,12 @@ def test_reconnects_when_server_comes_back() -> None:
     port = free_port()
     servers: list[ModelServer] = []
 
-    def start_server(_delay: float) -> None:  # first retry: the server is back
+    def start_server(delay: float) -> None:  # first retry: the server is back
         if not servers:
             servers.append(ModelServer(["null"], port=port).start())
+        threading.Event().wait(delay)  # the client's real backoff, so gRPC can connect
 
-    tfs = TFServingClient("127.0.0.1", port, timeout=5, max_retries=3, backoff=0.01, sleep=start_server)
+    tfs = TFServingClient("127.0.0.1", port, timeout=5, max_retries=6, backoff=0.05, sleep=start_server)
     try:
         out = tfs.predict("null", 1, {"image": _image()})
         assert out["inner_distance"].shape == (1, 40, 30, 1)
