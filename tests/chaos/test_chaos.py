@@ -11,12 +11,14 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import redis
 
 from harness.local_pool import (
+    QUEUE,
     LocalOperator,
     processing_lists,
     statuses,
@@ -25,7 +27,7 @@ from harness.local_pool import (
     write_pool,
 )
 from harness.redis_server import RedisServer
-from harness.wait import wait_for
+from harness.wait import WaitTimeout, wait_for
 from kiosk_model_server import ModelServer
 from kiosk_operator.process_backend import pid_running
 from kiosk_worker import protocol
@@ -34,6 +36,27 @@ GOOD, BAD = 1000, 20
 KILL_EVERY = 80
 #: Retries outlast the model-server outage; short Redis timeouts ride through its restart.
 WORKER_ENV = {"GRPC_BACKOFF": "0.1", "MAX_RETRY": "15", "GRPC_TIMEOUT": "10", "REDIS_TIMEOUT": "2"}
+
+
+def chaos_report(client: redis.Redis, keys: list[str], state: Path, op: LocalOperator | None,
+                 figures: dict[str, float], events: list) -> str:
+    """What a stuck chaos run looks like: statuses, queues, workers and the tails of their logs."""
+    now = statuses(client, keys)
+    counts = Counter(now)
+    lines = [f"statuses: {dict(counts)}", f"figures: {figures}",
+             f"events not yet fired: {[fn.__name__ for _, fn in events]}",
+             f"queue length: {client.llen(QUEUE)}", f"processing lists: {processing_lists(client)}",
+             f"registered workers: {client.zrange(protocol.workers_key(QUEUE), 0, -1, withscores=True)}"]
+    stuck = [k for k, s in zip(keys, now, strict=True) if s not in protocol.FINISHED_STATUSES][:3]
+    for key in stuck:
+        lines.append(f"unfinished {key}: {client.hgetall(key)}")
+    if op is not None:
+        lines.append(f"operator exited: {op.exited()}; log tail:\n{op.output()[-3000:]}")
+    for pidfile in (state / "workers").glob("*.pid"):
+        lines.append(f"worker pid file {pidfile.name}: {pidfile.read_text()}")
+    for logfile in sorted((state / "logs").glob("*.log"), key=lambda f: f.stat().st_mtime)[-4:]:
+        lines.append(f"--- {logfile.name} (tail)\n{logfile.read_text(errors='replace')[-1500:]}")
+    return "\n".join(lines)
 
 
 @pytest.mark.slow
@@ -106,8 +129,11 @@ def test_chaos_no_job_lost(tmp_path: Path):
                 figures["outage s"] = round(time.monotonic() - figures.pop("outage started"), 2)
             return finished == total and not events
 
-        wait_for(step, 240, "every job finished under chaos", interval=0.2, max_interval=0.3,
-                 ignore=(redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
+        try:
+            wait_for(step, 240, "every job finished under chaos", interval=0.2, max_interval=0.3,
+                     ignore=(redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError))
+        except WaitTimeout as err:
+            pytest.fail(f"{err}\n{chaos_report(client, keys, state, op, figures, events)}")
         figures["makespan s"] = round(time.monotonic() - started, 1)
 
         wait_for(lambda: not any(processing_lists(client).values()), 30, "no processing list holds anything",

@@ -188,12 +188,12 @@ return 1
 
 # Final fields, drop from processing, expire: atomic like MULTI/EXEC but one command and
 # one reply (the hottest write of a worker). ARGV[1] = expiry seconds (0 = keep),
-# ARGV[2..] = field, value, ...
+# ARGV[2..] = field, value, ... Returns what the processing list still holds (0 normally).
 _FINISH_SCRIPT = """
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 redis.call('LREM', KEYS[2], 1, KEYS[1])
 if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return 1
+return redis.call('LLEN', KEYS[2])
 """
 
 RECLAIM_TAKEN_ELSEWHERE = 0
@@ -208,6 +208,8 @@ class JobStore:
     client: redis.Redis
     worker: str
     expire_time: int = 3600
+    #: Items left in our processing list after the last ``finish``: more than we knew we held.
+    strays: int = 0
 
     def __post_init__(self) -> None:
         self._requeue = self.client.register_script(_REQUEUE_SCRIPT)
@@ -218,14 +220,27 @@ class JobStore:
     def pop(self, queue: str, timeout: float) -> str | None:
         """Atomically move the oldest job into our processing list, blocking up to timeout.
 
-        ``timeout`` 0 means do not block at all.
+        ``timeout`` 0 means do not block at all. Sent once, bypassing the client's retries:
+        if the reply is lost (connection dropped, socket timeout) the item may have moved
+        anyway, and a silent retry would move a second one and strand the first in our
+        list. The error reaches the caller instead, which gives back what the list holds.
         """
         dest = processing_key(queue, self.worker)
         if timeout <= 0:
-            key = self.client.lmove(queue, dest, "RIGHT", "LEFT")
+            args: tuple[Any, ...] = ("LMOVE", queue, dest, "RIGHT", "LEFT")
         else:
-            key = self.client.blmove(queue, dest, timeout, "RIGHT", "LEFT")
-        return _text(key)
+            args = ("BLMOVE", queue, dest, "RIGHT", "LEFT", timeout)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*args)
+            reply = conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        return _text(reply)
 
     def requeue(self, queue: str, key: str, front: bool = True) -> bool:
         """Give a held job back; front=True means it is taken next."""
@@ -238,6 +253,13 @@ class JobStore:
 
     def held(self, queue: str) -> list[str]:
         return [_text(k) for k in self.client.lrange(processing_key(queue, self.worker), 0, -1)]
+
+    def holding(self, queues: Iterable[str]) -> int:
+        """How many items our processing lists hold, over ``queues``."""
+        pipe = self.client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(processing_key(queue, self.worker))
+        return sum(pipe.execute())
 
     # -- job hash --
 
@@ -253,7 +275,7 @@ class JobStore:
         flat: list[str] = [str(self.expire_time if expire and self.expire_time > 0 else 0)]
         for item in self._stamp(fields).items():
             flat.extend(item)
-        self._finish(keys=[key, processing_key(queue, self.worker)], args=flat)
+        self.strays = int(self._finish(keys=[key, processing_key(queue, self.worker)], args=flat))
 
     def _stamp(self, fields: Mapping[str, Any]) -> dict[str, str]:
         data = {k: "" if v is None else str(v) for k, v in fields.items()}

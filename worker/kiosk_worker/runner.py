@@ -194,6 +194,7 @@ class Runner:
                 self._redis_trouble(err)
                 continue
             if got is None:
+                self._return_strays(idle=True)
                 if self.max_jobs and not self._stop.is_set():
                     log.info("queue empty: batch worker exits after %d items", self.stats.items_taken)
                     return
@@ -202,6 +203,21 @@ class Runner:
             if not self._recheck_delay(key):
                 return
             self._run_job(queue, key)
+            self._return_strays()
+
+    def _return_strays(self, idle: bool = False) -> None:
+        """Between jobs a worker holds nothing. An item found in its processing list then came
+        from a pop whose reply was lost; no reclaim would touch it (this worker is alive), so
+        give it back now. After a job the finish script already counted; when idle, ask."""
+        try:
+            strays = self.store.holding(self.queues) if idle else self.store.strays
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            self._redis_trouble(err)
+            return
+        if strays:
+            log.warning("%d item(s) in our processing list that no pop returned; giving them back", strays)
+            self.store.strays = 0
+            self._wait_for_redis(self._give_back_held, "give back stray items")
 
     def _shutdown(self) -> None:
         if self._jobs is not None and not self.abandoned:
