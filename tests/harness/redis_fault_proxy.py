@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class _Plan:
-    command: bytes
+    request: bytes
     mode: str
     delay: float
     left: int
@@ -40,11 +40,12 @@ class RedisFaultProxy:
         threading.Thread(target=self._accept, daemon=True, name="fault-proxy").start()
         return self
 
-    def arm(self, command: str, mode: str = "cut", *, delay: float = 0.0, times: int = 1) -> None:
-        """Lose the next ``times`` non-nil replies to ``command`` (e.g. "BLMOVE")."""
+    def arm(self, request: str, mode: str = "cut", *, delay: float = 0.0, times: int = 1) -> None:
+        """Lose the next ``times`` non-nil replies to requests containing ``request``
+        (a command name such as "BLMOVE", or any argument, e.g. a file name)."""
         assert mode in ("cut", "delay")
         with self._lock:
-            self._plan = _Plan(b"\r\n" + command.upper().encode() + b"\r\n", mode, delay, times)
+            self._plan = _Plan(request.encode(), mode, delay, times)
 
     def stop(self) -> None:
         self._closing = True
@@ -70,7 +71,7 @@ class RedisFaultProxy:
         try:
             while data := src.recv(65536):
                 with self._lock:
-                    if self._plan is not None and self._plan.command in data:
+                    if self._plan is not None and self._plan.request in data:
                         watched.set()
                     else:
                         watched.clear()
@@ -83,7 +84,7 @@ class RedisFaultProxy:
     def _replies(self, src: socket.socket, dst: socket.socket, watched: threading.Event) -> None:
         try:
             while data := src.recv(65536):
-                if watched.is_set() and data[:1] == b"$" and data[1:2] != b"-":
+                if watched.is_set() and not data.startswith(_NIL):
                     plan = self._take()
                     if plan is not None and plan.mode == "cut":
                         return  # the command ran on the server; its reply is lost with the connection
@@ -105,6 +106,10 @@ class RedisFaultProxy:
                 self._plan = None
             self.faults += 1
             return plan
+
+
+#: Nil replies (RESP2 bulk/array, RESP3): a BLMOVE that timed out moved nothing, so its reply is kept.
+_NIL = (b"$-1\r\n", b"*-1\r\n", b"_\r\n")
 
 
 def _close(*socks: socket.socket) -> None:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from workerkit import save_tiff, spawn_worker, submit, worker_env
 
 from harness.redis_fault_proxy import RedisFaultProxy
@@ -89,3 +92,32 @@ def test_finish_reports_items_held_beyond_the_finished_one(redis_client):
     held = store.held(queue)
     store.finish(queue, held[-1], {"status": "done"})
     assert store.strays == 1 and store.holding([queue]) == 1
+
+
+def test_a_submission_retried_after_a_lost_reply_enqueues_once(redis_client, proxy):
+    """redis-py retries a command whose reply was lost; a second LPUSH of the same job
+    would have two workers run it at once. The submission is written once, whatever the retries."""
+    queue = f"submit-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis(port=proxy.port, decode_responses=True,
+                         retry=Retry(NoBackoff(), 3), retry_on_error=[redis.ConnectionError])
+    proxy.arm("lost-submit.tif", "cut")
+    key = protocol.submit_job(client, queue, "lost-submit.tif", "null", "1")
+    assert proxy.faults == 1
+    assert redis_client.lrange(queue, 0, -1) == [key]
+    assert redis_client.hget(key, "status") == "new"
+
+
+def test_a_zip_fan_out_retried_after_a_lost_reply_queues_each_child_once(redis_client, proxy):
+    queue = f"children-{uuid.uuid4().hex[:6]}"
+    client = redis.Redis(port=proxy.port, decode_responses=True,
+                         retry=Retry(NoBackoff(), 3), retry_on_error=[redis.ConnectionError])
+    children = [f"{queue}:a.tif:{uuid.uuid4().hex}", f"{queue}:b.tif:{uuid.uuid4().hex}"]
+    proxy.arm(children[0], "cut")
+    pipe = client.pipeline(transaction=True)
+    for key in children:
+        pipe.hset(key, mapping={"status": "new"})
+    protocol.push_once(pipe, f"{queue}-zip:parent.zip:x", {"children": ",".join(children)}, "children",
+                       queue, children)
+    pipe.execute()
+    assert proxy.faults == 1
+    assert sorted(redis_client.lrange(queue, 0, -1)) == sorted(children)

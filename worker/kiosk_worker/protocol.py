@@ -152,11 +152,40 @@ def submit_job(
     real_queue = queue_for_file(queue, input_file_name)
     fields = submission_fields(input_file_name, model_name, model_version, **extra)
     key = job_key(real_queue, os.path.basename(input_file_name))
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(key, mapping=fields)
-    pipe.lpush(real_queue, key)
-    pipe.execute()
+    push_once(client, key, fields, "input_file_name", real_queue, [key])
     return key
+
+
+# Write a hash and push items, once: if the marker field already holds its value, an earlier
+# attempt whose reply was lost did it all (redis-py retries commands on connection errors; a
+# second LPUSH would queue the same job twice). KEYS = hash, queue; ARGV = marker field,
+# marker value, number of items, items..., field, value, ...
+_PUSH_ONCE_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
+local n = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4 + n))
+if n > 0 then redis.call('LPUSH', KEYS[2], unpack(ARGV, 4, 3 + n)) end
+return 1
+"""
+
+
+def push_once(
+    client: redis.Redis | redis.client.Pipeline,
+    key: str,
+    fields: Mapping[str, str],
+    marker: str,
+    queue: str,
+    items: list[str],
+) -> None:
+    """HSET ``fields`` on ``key`` and LPUSH ``items`` onto ``queue`` atomically, at most once.
+
+    ``fields[marker]`` must be unique to this write (a job's file name under a fresh key, a
+    zip parent's list of fresh child keys). Works inside a MULTI pipeline too.
+    """
+    args: list[str] = [marker, fields[marker], str(len(items)), *items]
+    for item in fields.items():
+        args.extend(item)
+    client.eval(_PUSH_ONCE_SCRIPT, 2, key, queue, *args)
 
 
 # --- consumer side --------------------------------------------------------------------------

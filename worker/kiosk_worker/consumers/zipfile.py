@@ -95,11 +95,11 @@ class ZipConsumer(Consumer):
             "progress": 0,
             "total_jobs": len(children),
         })
+        # A retried transaction rewrites the children (same fields) but queues them only once.
         pipe = self.redis.pipeline(transaction=True)
         for key, fields in children:
             pipe.hset(key, mapping=fields)
-        pipe.hset(redis_hash, mapping=parent)
-        pipe.lpush(child_queue, *(k for k, _ in children))
+        protocol.push_once(pipe, redis_hash, parent, "children", child_queue, [k for k, _ in children])
         pipe.execute()
         self.logger.info("zip %s: %d children queued on %s", redis_hash, len(children), child_queue)
         return protocol.WAITING
