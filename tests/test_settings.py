@@ -69,6 +69,7 @@ def test_consumer_aliases_and_queue_list() -> None:
         ("REDIS_TLS", "maybe", "true or false"),
         ("QUEUE", "  ", "must not be empty"),
         ("LOG_LEVEL", "loud", "one of"),
+        ("TRACK_MAX_GAP", "-2", "zero or more"),
     ],
 )
 def test_bad_value_names_the_variable(env: str, value: str, fragment: str) -> None:

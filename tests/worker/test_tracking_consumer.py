@@ -154,3 +154,14 @@ def test_tracking_through_a_fixed_size_model_tiles_every_frame(
     labels, lineage = read_result(job)
     s = score(labels, lineage, truth, truth_lineage)
     assert s["truth_consistent"] >= 0.95 and s["ids_pure"] >= 0.95, s
+
+
+def test_track_max_gap_setting_reaches_the_tracker() -> None:
+    from kiosk_worker.consumers.tracking import TrackingConsumer
+    from kiosk_worker.settings import load_settings
+
+    consumer = TrackingConsumer.__new__(TrackingConsumer)
+    consumer.settings = load_settings({"TRACK_MAX_GAP": "0"})
+    assert consumer.params.max_gap == 0
+    consumer.settings = load_settings({})
+    assert consumer.params.max_gap == 2

@@ -184,3 +184,69 @@ def test_noisy_labels_still_track_well() -> None:
         consistent.append(min(id_consistency(result.labels, truth)))
     assert found / expected >= 0.9
     assert np.mean(consistent) >= 0.95
+
+
+def test_a_cell_missed_for_a_frame_keeps_its_track() -> None:
+    """A segmentation miss (the cell is absent in frame 2) is bridged: same id, frames skip 2."""
+    shape = (60, 60)
+    stack = np.stack([
+        frame(shape, {1: (15, 15, 6), 2: (40, 40, 6)}),
+        frame(shape, {1: (15, 16, 6), 2: (40, 41, 6)}),
+        frame(shape, {2: (40, 42, 6)}),
+        frame(shape, {7: (15, 18, 6), 2: (40, 43, 6)}),
+    ])
+    result = track(stack)
+    assert len(result.lineage) == 2
+    first = result.lineage[1]
+    assert first["frames"] == [0, 1, 3] and first["capped"] is False
+    assert (result.labels[3][stack[3] == 7] == 1).all()
+    # Without bridging it is a lost track plus a new one.
+    assert len(track(stack, TrackingParams(max_gap=0)).lineage) == 3
+
+
+def test_a_gap_longer_than_max_gap_starts_a_new_track() -> None:
+    shape = (40, 40)
+    present = frame(shape, {1: (20, 20, 6)})
+    empty = np.zeros(shape, dtype=np.int32)
+    stack = np.stack([present, empty, empty, empty, present])
+    assert len(track(stack, TrackingParams(max_gap=2)).lineage) == 2
+    bridged = track(stack, TrackingParams(max_gap=3))
+    assert len(bridged.lineage) == 1 and bridged.lineage[1]["frames"] == [0, 4]
+
+
+def test_a_bridged_cell_does_not_steal_a_cell_that_is_already_tracked() -> None:
+    """A cell appearing where a lost one was is only linked to it if no live track continues there."""
+    shape = (60, 60)
+    stack = np.stack([
+        frame(shape, {1: (20, 20, 6), 2: (20, 30, 6)}),
+        frame(shape, {2: (20, 29, 6)}),
+        frame(shape, {2: (20, 27, 6), 3: (20, 18, 6)}),
+    ])
+    result = track(stack)
+    assert len(result.lineage) == 2
+    assert set(np.unique(result.labels[2])) == {0, 1, 2}
+    assert (result.labels[2][stack[2] == 2] == 2).all() and (result.labels[2][stack[2] == 3] == 1).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ground_truth_with_dropped_cells_tracked_exactly(seed: int) -> None:
+    """The synthetic movies with a random cell blanked out in some frames (never the first
+    or last of its track, never at a division): ids stay exact thanks to gap bridging."""
+    _, truth, lineage = make_timelapse(frames=12, shape=(128, 128), n_cells=10, seed=seed)
+    rng = np.random.default_rng(seed)
+    dropped = truth.copy()
+    division_frames = {t for info in lineage.values() for t in (info.get("frame_div"),) if t is not None}
+    blanks = 0
+    for t in range(1, truth.shape[0] - 1):
+        if t in division_frames or t - 1 in division_frames or t + 1 in division_frames:
+            continue
+        ids = [int(v) for v in np.unique(truth[t]) if v and (truth[t - 1] == v).any() and (truth[t + 1] == v).any()]
+        if ids and rng.random() < 0.6:
+            dropped[t][truth[t] == rng.choice(ids)] = 0
+            blanks += 1
+    assert blanks >= 2
+    result = track(dropped)
+    assert id_consistency(result.labels, dropped) == (1.0, 1.0)
+    assert len(result.lineage) == len(lineage)
+    without = track(dropped, TrackingParams(max_gap=0))
+    assert len(without.lineage) > len(lineage)

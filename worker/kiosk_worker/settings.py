@@ -67,6 +67,7 @@ class Settings:
     max_image_width: int = 8192
     max_zip_members: int = 1000
     max_zip_bytes: int = 2 * 1024 * 1024 * 1024
+    track_max_gap: int = 2
     storage_max_retry: int = 5
     storage_backoff: float = 0.5
     log_level: str = "INFO"
@@ -185,6 +186,7 @@ for _env, _attr, _parse in [
     ("MAX_IMAGE_WIDTH", "max_image_width", _positive(int)),
     ("MAX_ZIP_MEMBERS", "max_zip_members", _positive(int)),
     ("MAX_ZIP_BYTES", "max_zip_bytes", _positive(int)),
+    ("TRACK_MAX_GAP", "track_max_gap", _positive(int, allow_zero=True)),
     ("STORAGE_MAX_RETRY", "storage_max_retry", _positive(int, allow_zero=True)),
     ("STORAGE_BACKOFF", "storage_backoff", _positive(float, allow_zero=True)),
     ("LOG_LEVEL", "log_level", lambda s: _choice(s.upper(), {"DEBUG", "INFO", "WARNING", "ERROR"})),

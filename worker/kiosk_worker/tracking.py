@@ -5,7 +5,10 @@ every (previous, next) pair feeds an optimal one-to-one assignment
 (``scipy.optimize.linear_sum_assignment``). Before the assignment, a previous
 cell whose area is now covered by two smaller cells that overlap nobody else
 as much is taken to have divided: it ends, and the two start as its
-daughters. Unmatched cells start new tracks. Pure numpy/scipy, no I/O.
+daughters. A cell the segmentation missed for up to ``max_gap`` frames keeps its
+track: cells left unmatched are also matched, the same way, against the last-seen
+masks of recently lost tracks. Cells still unmatched start new tracks.
+Pure numpy/scipy, no I/O.
 
 Lineage (Caliban/deepcell-tracking style), keyed by track id::
 
@@ -13,6 +16,7 @@ Lineage (Caliban/deepcell-tracking style), keyed by track id::
           "daughters": [id, ...], "frame_div": t | None, "capped": bool}}
 
 ``capped`` is True when the track ends inside the movie (it divided or was lost).
+``frames`` skips the frames of a bridged gap.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ __all__ = [
     "FrameOverlap",
     "TrackingParams",
     "TrackingResult",
+    "bridge_gaps",
     "detect_divisions",
     "frame_overlap",
     "match_cells",
@@ -42,12 +47,14 @@ class TrackingParams:
     daughter_overlap: share of a daughter's area that must lie on its parent.
     division_iou: a cell whose best continuation reaches this IoU did not divide.
     daughter_area: allowed (min, max) of the two daughters' summed area / parent area.
+    max_gap: frames a cell may be missing (a segmentation miss) and still keep its track.
     """
 
     min_iou: float = 0.1
     daughter_overlap: float = 0.1
     division_iou: float = 0.5
     daughter_area: tuple[float, float] = (0.3, 3.0)
+    max_gap: int = 2
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ def track(labels: np.ndarray, params: TrackingParams = TrackingParams()) -> Trac
 
     # ids of the current frame's cells: frame label value -> track id
     current: dict[int, int] = {}
+    lost: dict[int, int] = {}  # track id -> last frame it was seen, while a gap may still be bridged
     for t in range(frames):
         frame = labels[t]
         assigned: dict[int, int] = {}
@@ -211,6 +219,12 @@ def track(labels: np.ndarray, params: TrackingParams = TrackingParams()) -> Trac
             used_cols = {c for pair in divisions.values() for c in pair}
             for r, c in match_cells(ov, params, set(divisions), used_cols):
                 assigned[int(ov.next_ids[c])] = current[int(ov.prev_ids[r])]
+            ended = {cid for cid in current.values() if not lineage[cid]["daughters"]} - set(assigned.values())
+            lost.update((cid, t - 1) for cid in ended)
+            lost = {cid: seen for cid, seen in lost.items() if t - seen - 1 <= params.max_gap}
+            assigned.update(bridge_gaps(out, frame, lost, assigned, params))
+            for cid in assigned.values():
+                lost.pop(cid, None)
             for value in ov.next_ids.tolist():
                 if int(value) not in assigned:
                     assigned[int(value)] = start(None)
@@ -225,6 +239,23 @@ def track(labels: np.ndarray, params: TrackingParams = TrackingParams()) -> Trac
     for info in lineage.values():
         info["capped"] = bool(info["daughters"]) or info["frames"][-1] < frames - 1
     return TrackingResult(out, lineage)
+
+
+def bridge_gaps(out: np.ndarray, frame: np.ndarray, lost: dict[int, int], assigned: dict[int, int],
+                params: TrackingParams = TrackingParams()) -> dict[int, int]:
+    """Label value in ``frame`` -> lost track id it continues, for cells not yet ``assigned``.
+
+    Each lost track is represented by its mask where it was last seen (``out`` holds the
+    tracked frames so far); the overlap and optimal assignment are the frame-to-frame ones.
+    """
+    if not lost or params.max_gap <= 0:
+        return {}
+    memory = np.zeros(frame.shape, dtype=np.int32)
+    for cid, seen in sorted(lost.items(), key=lambda item: item[1]):  # the most recent mask on top
+        memory[out[seen] == cid] = cid
+    ov = frame_overlap(memory, frame)
+    taken = {c for c, value in enumerate(ov.next_ids.tolist()) if int(value) in assigned}
+    return {int(ov.next_ids[c]): int(ov.prev_ids[r]) for r, c in match_cells(ov, params, skip_cols=taken)}
 
 
 def lineage_json(lineage: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -38,7 +38,9 @@ def movie_order(ndim: int, shape: tuple[int, ...], dimension_order: str = "") ->
 class TrackingConsumer(SegmentationConsumer):
     """Segment every frame through the model, then track; one zip with labels + lineage."""
 
-    params = tracking.TrackingParams()
+    @property
+    def params(self) -> tracking.TrackingParams:
+        return tracking.TrackingParams(max_gap=self.settings.track_max_gap)
 
     def _consume(self, redis_hash: str) -> str:
         labels, stem = self.segment(redis_hash)  # every frame through the model
