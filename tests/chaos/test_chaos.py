@@ -1,5 +1,6 @@
 """Chaos in local mode: 1,000 jobs while workers are SIGKILLed, the operator and Redis restart,
-and the model server answers UNAVAILABLE for a while. Nothing may be lost.
+the model server answers UNAVAILABLE for a while, and pop replies are lost on the way back
+(the workers reach Redis through a fault proxy). Nothing may be lost.
 
 Faults are driven by progress (every ~80 finished jobs a worker is killed; the operator,
 Redis and model-server faults at fixed fractions), not by wall-clock sleeps.
@@ -26,6 +27,7 @@ from harness.local_pool import (
     tiny_input,
     write_pool,
 )
+from harness.redis_fault_proxy import RedisFaultProxy
 from harness.redis_server import RedisServer
 from harness.wait import WaitTimeout, wait_for
 from kiosk_model_server import ModelServer
@@ -64,6 +66,7 @@ def chaos_report(client: redis.Redis, keys: list[str], state: Path, op: LocalOpe
 def test_chaos_no_job_lost(tmp_path: Path):
     rng = random.Random(4)
     server = RedisServer(appendonly=True).start()
+    proxy = RedisFaultProxy(server.port).start()
     model = ModelServer(models=["null"], latency_ms=15).start()
     bucket = tmp_path / "bucket"
     state = tmp_path / "state"
@@ -72,7 +75,7 @@ def test_chaos_no_job_lost(tmp_path: Path):
     try:
         client = server.client(socket_timeout=5)
         pool = write_pool(
-            tmp_path / "pool.yaml", "chaos", server.port, model.port, bucket,
+            tmp_path / "pool.yaml", "chaos", proxy.port, model.port, bucket,
             worker={"env": [{"name": k, "value": v} for k, v in WORKER_ENV.items()]},
             maxWorkers=4, itemsPerWorker=50, cooldownSeconds=1, pollingIntervalSeconds=0.2,
         )
@@ -122,6 +125,8 @@ def test_chaos_no_job_lost(tmp_path: Path):
             finished = sum(s in protocol.FINISHED_STATUSES for s in statuses(client, keys))
             if finished >= next_kill and finished < total - 40:
                 kill_worker()
+                # And one pop whose reply is lost: dropped, or later than the socket timeout.
+                proxy.arm("BLMOVE", "cut" if next_kill % (2 * KILL_EVERY) else "delay", delay=3.5)
                 next_kill += KILL_EVERY
             while events and finished >= events[0][0] * total:
                 events.pop(0)[1]()
@@ -145,11 +150,13 @@ def test_chaos_no_job_lost(tmp_path: Path):
             assert job["status"] == "failed" and job["reason"] and "\n" not in job["reason"]
         outputs = len(list(bucket.glob("*.zip")))
         figures["processed twice"] = outputs - GOOD
+        figures["lost pop replies"] = proxy.faults
         figures["predict calls"] = model.calls.get("Predict", 0)
         print("\nchaos figures:", figures)
         assert outputs >= GOOD
         assert figures["processed twice"] <= figures["worker kills"]
         assert figures["worker kills"] >= 5 and figures.get("operator restarts") == 1
+        assert proxy.faults >= 5
         assert "redis restart s" in figures and "outage s" in figures
         # And the pool scales back to zero afterwards.
         wait_for(lambda: not list((state / "workers").glob("*.pid")), 60, "pool back to zero workers")
@@ -157,4 +164,5 @@ def test_chaos_no_job_lost(tmp_path: Path):
         if op is not None and op.proc is not None and op.proc.poll() is None:
             op.stop(60)
         model.stop()
+        proxy.stop()
         server.cleanup()

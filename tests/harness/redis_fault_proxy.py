@@ -62,7 +62,12 @@ class RedisFaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection((self.host, self.upstream_port))
+            try:
+                upstream = socket.create_connection((self.host, self.upstream_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:  # Redis is down (restarting): the client sees a dropped connection
+                _close(client)
+                continue
             watched = threading.Event()  # the last request on this connection is the armed command
             threading.Thread(target=self._requests, args=(client, upstream, watched), daemon=True).start()
             threading.Thread(target=self._replies, args=(upstream, client, watched), daemon=True).start()
