@@ -93,7 +93,7 @@ def test_deployment_pool_end_to_end(operator, api, kubelet, redis_server, redis_
     assert (status["pending"], status["inFlight"], status["desired"]) == (0, 0, 0), status
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True", "RedisReachable": "True", "ScalingActive": "True"}
-    assert any(e["reason"] == "ScaledDown" for e in api.events(POOL))
+    api.wait_events(POOL, "ScaledDown")
     assert operator.alive()
 
 
@@ -139,6 +139,6 @@ def test_job_mode_pool_end_to_end(operator, api, kubelet, k8s_cluster, k8s_names
     status = wait_for(lambda: (s := api.pool(POOL).get("status", {})).get("activeJobs") == 0 and s, T,
                       "status activeJobs 0")
     assert (status["pending"], status["inFlight"], status["workers"]) == (0, 0, 0), status
-    assert any(e["reason"] == "JobsCreated" for e in api.events(POOL))
+    api.wait_events(POOL, "JobsCreated")
     assert jobs() and len(jobs()) == len(seen)  # no new Job once the queue is empty
     assert operator.alive()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,19 @@ class Api:
     def events(self, involved: str) -> list[dict[str, Any]]:
         items = self.c.get(f"/api/v1/namespaces/{self.ns}/events")["items"]
         return [e for e in items if e.get("involvedObject", {}).get("name") == involved]
+
+    def wait_events(self, involved: str, reason: str, timeout: float = 30.0,
+                    until: Callable[[list[dict[str, Any]]], bool] = bool) -> list[dict[str, Any]]:
+        """Events of ``reason`` about ``involved``, once ``until`` holds for them.
+
+        kopf posts events from a background task, so one may land after the state change
+        a test just waited for: wait for it too.
+        """
+        def found() -> list[dict[str, Any]] | None:
+            events = [e for e in self.events(involved) if e.get("reason") == reason]
+            return events if until(events) else None
+
+        return wait_for(found, timeout, f"a {reason} event about {involved}")
 
     def condition(self, pool: str, ctype: str) -> dict[str, Any] | None:
         for cond in self.pool(pool).get("status", {}).get("conditions", []):

@@ -137,9 +137,12 @@ def test_operator_250_items_batch_25_exactly_10_jobs(operator, api, redis_server
         lambda: (s := api.pool("burst").get("status", {})).get("activeJobs") == 0 and s, T, "activeJobs 0"
     )
     assert status["pending"] == 0 and status["workers"] == 0
-    created = [e for e in api.events("burst") if e["reason"] == "JobsCreated"]
-    assert sum(int(re.search(r"created (\d+) worker Jobs", e["message"]).group(1)) * e.get("count", 1)
-               for e in created) == 10
+    def jobs_in(events: list[dict]) -> int:
+        return sum(int(re.search(r"created (\d+) worker Jobs", e["message"]).group(1)) * e.get("count", 1)
+                   for e in events)
+
+    created = api.wait_events("burst", "JobsCreated", until=lambda events: jobs_in(events) >= 10)
+    assert jobs_in(created) == 10
     # Nothing left for a reclaim: every taken item was finished.
     assert not [k for k in redis_client.keys("processing-*")]
 
@@ -194,7 +197,7 @@ def test_switch_to_job_mode_scales_deployment_to_zero(operator, api, redis_serve
     jobs = JobRecorder(api, "flip")
     wait_for(lambda: len(jobs.poll()) == 3, T, "ceil(12 / 5) = 3 Jobs")
     assert api.replicas(dep) == 0
-    assert any(e["reason"] == "DeploymentScaledDown" for e in api.events("flip"))
+    api.wait_events("flip", "DeploymentScaledDown")
 
 
 # --- jobmode.reconcile_jobs driven by the test ------------------------------------------------

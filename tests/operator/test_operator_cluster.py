@@ -74,14 +74,14 @@ def test_scale_up_with_queue_and_back_to_min_after_cooldown(operator, api, redis
         lambda: (s := api.pool("seg").get("status", {})).get("pending") == 100 and s, T, "status pending=100"
     )
     assert status["desired"] == 7 and status["observedGeneration"] == 1
-    assert any(e["reason"] == "ScaledUp" for e in api.events("seg"))
+    api.wait_events("seg", "ScaledUp")
     # More items than the cap: clipped to maxWorkers.
     _push(redis_client, "segmentation", 100)
     wait_for(lambda: api.replicas(DEP("seg")) == 8, T, "replicas clipped to max 8")
     # Drain the queue: back to minWorkers once the cooldown has passed.
     redis_client.delete("segmentation")
     wait_for(lambda: api.replicas(DEP("seg")) == 1, T, "back to min after cooldown")
-    assert any(e["reason"] == "ScaledDown" for e in api.events("seg"))
+    api.wait_events("seg", "ScaledDown")
     assert "kiosk_pool_queue_pending" in operator.metrics()
 
 
@@ -173,7 +173,7 @@ def test_pool_update_and_hand_edits(operator, api, redis_server):
     # Replicas edited by hand go back to what the queue says.
     api.patch_deployment(DEP("seg"), {"spec": {"replicas": 7}})
     wait_for(lambda: api.replicas(DEP("seg")) == 2, T, "replicas reverted to 2")
-    assert any(e["reason"] == "DeploymentReverted" for e in api.events("seg"))
+    api.wait_events("seg", "DeploymentReverted")
 
 
 def test_deleted_pool_garbage_collects_deployment(operator, api, redis_server):
@@ -199,7 +199,7 @@ def test_redis_down_keeps_replicas_and_recovers(operator, api, redis_server, red
             "RedisReachable False",
         )
         assert cond["reason"] == "RedisUnreachable"
-        assert any(e["reason"] == "RedisUnreachable" for e in api.events("seg"))
+        api.wait_events("seg", "RedisUnreachable")
         assert api.replicas(DEP("seg")) == 3
         assert operator.alive()
     finally:

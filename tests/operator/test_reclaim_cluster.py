@@ -80,8 +80,8 @@ def test_operator_reclaims_items_of_gone_workers_only(operator, api, k8s_cluster
     assert _registered(redis_client, "seg-slow-worker")
     status = wait_for(lambda: (s := api.pool("seg").get("status", {})).get("reclaimed") and s, T, "status.reclaimed")
     assert status["reclaimed"] == 1
-    events = [e for e in api.events("seg") if e["reason"] == "Reclaimed"]
-    assert events and "seg-worker-gone" in events[0]["message"]
+    events = api.wait_events("seg", "Reclaimed")
+    assert "seg-worker-gone" in events[0]["message"]
     metrics = operator.metrics()
     assert _metric(metrics, "kiosk_pool_reclaimed_items_total", "seg", "requeued") == 1
     assert _metric(metrics, "kiosk_pool_reclaimed_items_total", "seg", "dropped") == 1
