@@ -765,9 +765,10 @@ class LocalCluster:
                     os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + 10
-            while p.alive() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            try:
+                wait_for(lambda p=p: not p.alive(), 10, f"{p.name} to exit", interval=0.02, max_interval=0.1)
+            except WaitTimeout:
+                pass
             if p.alive():
                 try:
                     os.kill(p.pid, signal.SIGKILL)
@@ -808,24 +809,29 @@ class LocalCluster:
         ctx = self._ssl_context() if url.startswith(f"https://127.0.0.1:{self.ports['apiserver']}") else None
         if url.startswith("https") and ctx is None:
             ctx = ssl._create_unverified_context()  # components' self-signed serving certs
-        deadline = time.monotonic() + (timeout or self.start_timeout)
         last = ""
-        while True:
+
+        def ready() -> bool:
+            nonlocal last
             if not proc.alive():
                 raise self._fail(proc, f"{proc.exit_desc()} before {url} was ready")
             try:
                 with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
                     body = resp.read().decode(errors="replace")
                     if ok(body):
-                        return
+                        return True
                     last = f"HTTP {resp.status}: {body[:200]}"
             except urllib.error.HTTPError as exc:
                 last = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
             except (OSError, ValueError) as exc:
                 last = repr(exc)
-            if time.monotonic() > deadline:
-                raise self._fail(proc, f"not ready at {url} after {timeout or self.start_timeout:.0f}s (last: {last})")
-            time.sleep(0.1)
+            return False
+
+        try:
+            wait_for(ready, timeout or self.start_timeout, f"{url} ready", interval=0.1, max_interval=0.1)
+        except WaitTimeout:
+            raise self._fail(
+                proc, f"not ready at {url} after {timeout or self.start_timeout:.0f}s (last: {last})") from None
 
     def _wait_with_procs(self, predicate, message: str, timeout: float | None = None,
                          procs: list[_Proc] | None = None) -> Any:

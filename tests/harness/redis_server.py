@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -35,17 +34,16 @@ def _redis_binary() -> str:
 
 def _wait_up(proc: subprocess.Popen[bytes], probe: redis.Redis, log: Path, what: str) -> None:
     """Poll ``probe.ping()`` until it answers; raise with the log tail if the process dies."""
-    deadline = time.monotonic() + 10
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start: {log.read_text()[-500:]}")
+        return bool(probe.ping())
+
     try:
-        while True:
-            try:
-                if probe.ping():
-                    return
-            except (redis.ConnectionError, redis.TimeoutError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} failed to start: {log.read_text()[-500:]}")
-            time.sleep(0.02)
+        wait_for(answers, 10, f"{what} to answer PING", interval=0.02, max_interval=0.1,
+                 ignore=(redis.ConnectionError, redis.TimeoutError))
+    except WaitTimeout:
+        raise RuntimeError(f"{what} failed to start: {log.read_text()[-500:]}") from None
     finally:
         probe.close()
 
