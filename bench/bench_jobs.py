@@ -118,10 +118,10 @@ def makespan_row(n: int, k: int, latency_ms: float) -> dict:
     import redis
     import tifffile
 
+    import kiosk_protocol as protocol
     from kiosk_model_server import ModelServer
     from kiosk_operator.local import start_redis
     from kiosk_operator.process_backend import ProcessBackend
-    from kiosk_worker import protocol
 
     with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
         root = Path(tmp)
@@ -169,7 +169,7 @@ def makespan_row(n: int, k: int, latency_ms: float) -> dict:
 
 def _enqueue(client, n: int) -> list[str]:
     """Write n job hashes as the Kiosk frontend does and LPUSH them all in one pipeline."""
-    from kiosk_worker import protocol
+    import kiosk_protocol as protocol
 
     keys, pipe = [], client.pipeline(transaction=False)
     for _ in range(n):
@@ -184,7 +184,7 @@ def _enqueue(client, n: int) -> list[str]:
 def _wait_drained(client, timeout: float) -> None:
     """Until nothing is pending or in flight: O(workers) commands every 50 ms, so the observer
     does not take CPU from the workers it measures (polling every job's hash would)."""
-    from kiosk_worker import protocol
+    import kiosk_protocol as protocol
 
     deadline = time.monotonic() + timeout
     while protocol.measure_depth(client, ["bench"]).total:

@@ -27,9 +27,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import kiosk_protocol as protocol  # noqa: E402
 from harness.redis_server import RedisServer  # noqa: E402
-from kiosk_worker import protocol  # noqa: E402
-from kiosk_worker.protocol import JobStore  # noqa: E402
+from kiosk_protocol import JobStore  # noqa: E402
 
 UNRELATED_KEYS = 1_000_000
 KIOSK_POLL_SECONDS = 5.0

@@ -40,9 +40,9 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import tifffile  # noqa: E402
 
+import kiosk_protocol as protocol  # noqa: E402
 from harness.redis_server import RedisServer  # noqa: E402
 from kiosk_model_server import ModelServer  # noqa: E402
-from kiosk_worker import protocol  # noqa: E402
 
 WORKER_BIN = str(Path(sys.executable).with_name("kiosk-worker"))
 UPSTREAM_EMPTY_QUEUE_TIMEOUT = 5.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiosk_worker.settings import ENV_NAMES, SettingsError, load_settings
+from kiosk_protocol.settings import ENV_NAMES, SettingsError, load_settings
 
 KIOSK_TABLE = {
     "QUEUE": ("queue", "predict"),

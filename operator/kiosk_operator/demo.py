@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kiosk_protocol as protocol
 from kiosk_operator import local
-from kiosk_worker import protocol
 
 
 def make_images(directory: Path, count: int, size: int = 128) -> list[tuple[str, int]]:

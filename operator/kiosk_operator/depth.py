@@ -1,6 +1,6 @@
 """Queue depth of a pool from Redis: pending + in-flight via the worker registry, never SCAN.
 
-Thin on purpose: the key layout and the measurement live in kiosk_worker.protocol.
+Thin on purpose: the key layout and the measurement live in kiosk_protocol.
 RedisClients also holds the pools' TLS material (spec.redis.tlsSecretRef) as files in a
 private directory, because Python's ssl loads client certificates from files only.
 """
@@ -22,12 +22,11 @@ from typing import Any
 
 import redis
 
+import kiosk_protocol as protocol
 from kiosk_operator.manifests import TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY, tls_secret_keys
 from kiosk_operator.spec import RedisSpec, TLSSecretRef
-from kiosk_worker import protocol
-from kiosk_worker.protocol import WorkerState
-from kiosk_worker.redis_conn import connect
-from kiosk_worker.settings import Settings
+from kiosk_protocol import WorkerState
+from kiosk_protocol.redis_config import RedisConfig, connect
 
 #: Seconds a registered worker may miss heartbeats before it no longer counts as busy.
 HEARTBEAT_SLACK = 3.0
@@ -171,20 +170,19 @@ class RedisClients:
             )
             client = self._clients.get(key)
             if client is None:
-                settings = Settings(
-                    redis_host=spec.host,
-                    redis_port=spec.port,
-                    redis_password=password,
-                    redis_tls=spec.tls,
-                    redis_tls_ca_file=files.get("ca", ""),
-                    redis_tls_cert_file=files.get("cert", ""),
-                    redis_tls_key_file=files.get("key", ""),
-                    redis_sentinel_hosts=",".join(sentinel.hosts) if sentinel else "",
-                    redis_sentinel_master=sentinel.master if sentinel else "mymaster",
-                    redis_timeout=self.timeout,
-                    empty_queue_timeout=0.001,
+                config = RedisConfig(
+                    host=spec.host,
+                    port=spec.port,
+                    password=password,
+                    tls=spec.tls,
+                    tls_ca_file=files.get("ca", ""),
+                    tls_cert_file=files.get("cert", ""),
+                    tls_key_file=files.get("key", ""),
+                    sentinel_hosts=",".join(sentinel.hosts) if sentinel else "",
+                    sentinel_master=sentinel.master if sentinel else "mymaster",
+                    timeout=self.timeout,
                 )
-                client = self._clients[key] = connect(settings)
+                client = self._clients[key] = connect(config)
             return client
 
     def _tls_files(self, tls: TLSMaterial) -> dict[str, str]:

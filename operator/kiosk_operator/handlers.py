@@ -18,7 +18,8 @@ from kiosk_operator.depth import RedisClients
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
 from kiosk_operator.reconcile import PoolState, ensure_deployment, render_deployment, scaling_cycle
-from kiosk_operator.spec import GROUP, PLURAL, VERSION, SpecError, parse_spec
+from kiosk_operator.spec import SpecError, parse_spec
+from kiosk_protocol.crd import GROUP, PLURAL, VERSION
 
 log = logging.getLogger("kiosk_operator")
 

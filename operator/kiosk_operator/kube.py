@@ -16,7 +16,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
 
-from kiosk_operator.spec import GROUP, PLURAL, VERSION
+from kiosk_protocol.crd import GROUP, PLURAL, VERSION
 
 
 def load_api_client() -> k8s.ApiClient:

@@ -31,7 +31,8 @@ import yaml
 from kiosk_operator import depth, reclaim, scaling
 from kiosk_operator.manifests import build_worker_env, redis_tls_file_env
 from kiosk_operator.process_backend import DEFAULT_COMMAND, ProcessBackend
-from kiosk_operator.spec import KIND, PoolSpec, SpecError, parse_spec
+from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
+from kiosk_protocol.crd import KIND
 
 log = logging.getLogger("kiosk_operator.local")
 

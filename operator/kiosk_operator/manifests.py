@@ -1,7 +1,7 @@
 """Pure builders of the Kubernetes objects a pool owns (dicts, ready to send).
 
 Settings flow from the pool into the worker's environment variables (the names of
-kiosk_worker.settings); secrets are passed by reference only, never by value.
+kiosk_protocol.settings); secrets are passed by reference only, never by value.
 Ownership (ownerReferences) is added by the caller with ``kopf.adopt``.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kiosk_operator.spec import GROUP, PoolSpec, TLSSecretRef
+from kiosk_operator.spec import PoolSpec, TLSSecretRef
+from kiosk_protocol.crd import GROUP
 
 POOL_LABEL = f"{GROUP}/pool"
 COMPONENT_LABEL = "app.kubernetes.io/component"

@@ -23,8 +23,8 @@ from typing import Any
 
 import redis
 
-from kiosk_worker import protocol
-from kiosk_worker.protocol import WorkerState
+import kiosk_protocol as protocol
+from kiosk_protocol import WorkerState
 
 log = logging.getLogger(__name__)
 

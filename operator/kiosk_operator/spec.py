@@ -13,11 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-GROUP = "kiosk.deepcell.org"
-VERSION = "v1alpha1"
-PLURAL = "consumerpools"
-KIND = "ConsumerPool"
-
 QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BUCKET_RE = re.compile(r"^(gs|s3|file)://")
 MODES = ("Deployment", "Job")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+import kiosk_protocol as protocol
 from harness.local_pool import (
     QUEUE,
     LocalOperator,
@@ -32,7 +33,6 @@ from harness.redis_server import RedisServer
 from harness.wait import WaitTimeout, wait_for
 from kiosk_model_server import ModelServer
 from kiosk_operator.process_backend import pid_running
-from kiosk_worker import protocol
 
 GOOD, BAD = 1000, 20
 KILL_EVERY = 80

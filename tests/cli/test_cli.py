@@ -13,13 +13,13 @@ import pytest
 import redis
 import tifffile
 
+import kiosk_protocol as protocol
 from harness.ports import free_port
 from harness.wait import wait_for
 from kiosk_cli import inputs, pools, track
 from kiosk_cli import status as status_cmd
 from kiosk_cli.errors import CliError
-from kiosk_worker import protocol
-from kiosk_worker.storage import open_storage
+from kiosk_storage import open_storage
 
 BIN = Path(sys.executable).parent
 KIOSK = str(BIN / "kiosk")

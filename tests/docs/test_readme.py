@@ -6,7 +6,7 @@ from pathlib import Path
 
 import crd_reference
 
-from kiosk_worker.settings import ENV_NAMES
+from kiosk_protocol.settings import ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

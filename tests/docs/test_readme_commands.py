@@ -30,10 +30,10 @@ from pathlib import Path
 import pytest
 import tifffile
 
+import kiosk_protocol as protocol
 from harness.cluster import ClusterError, LocalCluster, binary_path
 from harness.wait import wait_for
-from kiosk_worker import protocol
-from kiosk_worker.settings import ENV_NAMES
+from kiosk_protocol.settings import ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()

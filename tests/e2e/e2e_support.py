@@ -10,8 +10,8 @@ import redis
 import tifffile
 from scipy.optimize import linear_sum_assignment
 
+import kiosk_protocol as protocol
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol
 
 
 def submit_cells(client: redis.Redis, bucket: Path, count: int, queue: str = "segmentation",

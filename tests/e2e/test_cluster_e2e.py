@@ -14,11 +14,11 @@ import re
 import pytest
 from e2e_support import mean_matched_iou, result_labels, statuses, submit_cells
 
+import kiosk_protocol as protocol
 from harness.cluster import HARNESS_KUBELET_LABEL
 from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_operator import manifests
-from kiosk_worker import protocol
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

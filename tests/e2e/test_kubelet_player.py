@@ -12,10 +12,10 @@ import json
 import pytest
 from e2e_support import statuses, submit_cells
 
+import kiosk_protocol as protocol
 from harness.cluster import HARNESS_KUBELET_LABEL
 from harness.kubelet import PodEnvError, container_argv, expand, pod_env
 from harness.wait import wait_for
-from kiosk_worker import protocol
 
 TIMEOUT = 60
 

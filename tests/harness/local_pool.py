@@ -15,7 +15,7 @@ import redis
 import tifffile
 import yaml
 
-from kiosk_worker import protocol
+import kiosk_protocol as protocol
 
 QUEUE = "segmentation"
 

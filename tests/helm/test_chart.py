@@ -20,12 +20,12 @@ import jsonschema
 import pytest
 import yaml
 
+import kiosk_protocol as protocol
 from harness.cluster import LocalCluster, binary_path
 from harness.cluster_fixtures import k8s_cluster, k8s_namespace  # noqa: F401
 from harness.ports import free_port
 from harness.wait import wait_for
 from kiosk_operator import rbac
-from kiosk_worker import protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kiosk-operator"

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
+import kiosk_protocol as protocol
 from kiosk_operator import depth
 from kiosk_operator.scaling import desired_workers
 from kiosk_operator.spec import ScalingSpec
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore
+from kiosk_protocol import JobStore
 from kiosk_worker.runner import WorkerStats
 
 QUEUE = "segmentation"

@@ -14,14 +14,14 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
+import kiosk_protocol as protocol
 from harness.cluster import HARNESS_KUBELET_LABEL
 from harness.kubelet import terminal_status
 from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_operator import jobmode, manifests
 from kiosk_operator.spec import parse_spec
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore
+from kiosk_protocol import JobStore
 
 pytestmark = pytest.mark.cluster
 DELAY = "pod-complete.stage.kwok.x-k8s.io/delay"

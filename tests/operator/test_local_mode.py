@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import kiosk_protocol as protocol
 from harness.local_pool import (
     LocalOperator,
     all_finished,
@@ -20,7 +21,6 @@ from harness.local_pool import (
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer
 from kiosk_operator import local
-from kiosk_worker import protocol
 
 
 @pytest.fixture(scope="module")

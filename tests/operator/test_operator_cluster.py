@@ -6,11 +6,11 @@ import math
 
 import pytest
 
+import kiosk_protocol as protocol
 from harness.operator_process import pool_manifest
 from harness.wait import wait_for
 from kiosk_operator import manifests
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore
+from kiosk_protocol import JobStore
 
 pytestmark = pytest.mark.cluster
 T = 60

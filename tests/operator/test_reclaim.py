@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
+import kiosk_protocol as protocol
 from kiosk_operator import reclaim
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore, WorkerState
+from kiosk_protocol import JobStore, WorkerState
 
 NOW = 1_000_000.0
 TTL = 10.0

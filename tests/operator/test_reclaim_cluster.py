@@ -11,10 +11,10 @@ import time
 
 import pytest
 
+import kiosk_protocol as protocol
 from harness.operator_process import pool_manifest
 from harness.wait import wait_for
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore
+from kiosk_protocol import JobStore
 
 pytestmark = pytest.mark.cluster
 QUEUE = "segmentation"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import kiosk_protocol as protocol
 from harness.local_pool import QUEUE, tiny_input
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer
 from kiosk_operator import reclaim
-from kiosk_worker import protocol
 
 TTL = 1.0
 MID_JOB = (protocol.STARTED, protocol.PRE_PROCESSING, protocol.PREDICTING)

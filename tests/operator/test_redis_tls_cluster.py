@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+import kiosk_protocol as protocol
 from harness.operator_process import OperatorProcess, pool_manifest
 from harness.redis_server import RedisServer, TestCA
 from harness.wait import wait_for
 from kiosk_operator import drift, manifests
 from kiosk_operator.spec import parse_spec
-from kiosk_worker import protocol
 
 pytestmark = pytest.mark.cluster
 T = 60

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import redis
 
+import kiosk_protocol as protocol
 from harness.ports import free_port
 from harness.redis_server import RedisServer, SentinelGroup, TestCA
 from kiosk_operator import depth, manifests
 from kiosk_operator.spec import PoolSpec, TLSSecretRef, parse_spec
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore
-from kiosk_worker.redis_conn import connect
-from kiosk_worker.settings import load_settings
+from kiosk_protocol import JobStore
+from kiosk_protocol.redis_config import connect
+from kiosk_protocol.settings import load_settings
 
 QUEUE = "segmentation"
 PASSWORD = "op-s3cret"
@@ -85,7 +85,7 @@ def test_operator_and_worker_agree_over_tls(tls_server, clients, monkeypatch):
     # The worker, configured only by the env the operator builds for its pod, takes one item.
     env = _worker_environ(spec, "pool-abc12", PASSWORD)
     assert env["REDIS_TLS"] == "true" and env["REDIS_PASSWORD"] == PASSWORD
-    worker = JobStore(connect(load_settings(env)), env["WORKER_NAME"])
+    worker = JobStore(connect(load_settings(env).redis_config()), env["WORKER_NAME"])
     assert worker.pop(QUEUE, timeout=1)
     worker.heartbeat([QUEUE], ttl=10)
 
@@ -125,7 +125,7 @@ def test_operator_measures_through_sentinel_across_a_failover(tls, clients, monk
         )
         env = _worker_environ(spec, "pool-s1", PASSWORD)
         assert env["REDIS_SENTINEL_HOSTS"] == group.sentinel.address
-        worker = JobStore(connect(load_settings(env)), "pool-s1")
+        worker = JobStore(connect(load_settings(env).redis_config()), "pool-s1")
         protocol.submit_job(worker.client, QUEUE, "a.tif", "segmentation", "1")
         protocol.submit_job(worker.client, QUEUE, "b.tif", "segmentation", "1")
         assert worker.pop(QUEUE, timeout=1)
@@ -305,7 +305,7 @@ def test_worker_pod_reaches_mutual_tls_redis_through_the_mounted_secret(mtls_ser
     direct.flushall()
     protocol.submit_job(direct, QUEUE, "a.tif", "segmentation", "1")
     protocol.submit_job(direct, QUEUE, "b.tif", "segmentation", "1")
-    worker = JobStore(connect(load_settings(env)), env["WORKER_NAME"])
+    worker = JobStore(connect(load_settings(env).redis_config()), env["WORKER_NAME"])
     assert worker.pop(QUEUE, timeout=1)
     worker.heartbeat([QUEUE], ttl=10)
     m = depth.measure(clients.get(spec.redis, "", depth.tls_material(secret, spec.redis.tls_secret_ref)),

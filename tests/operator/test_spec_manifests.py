@@ -10,7 +10,7 @@ import yaml
 
 from kiosk_operator import drift, manifests, rbac
 from kiosk_operator.spec import PoolSpec, SpecError, TLSSecretRef, parse_spec
-from kiosk_worker.settings import ENV_NAMES, load_settings
+from kiosk_protocol.settings import ENV_NAMES, load_settings
 
 CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "consumerpool.yaml").read_text())
 MINIMAL = {"queues": ["segmentation"], "worker": {"image": "kiosk-worker:1"}}

@@ -12,7 +12,7 @@ from google.protobuf import json_format
 
 from harness.ports import free_port
 from kiosk_model_server import ModelServer
-from kiosk_worker.retry import capped_delay, jittered_delay
+from kiosk_protocol.backoff import capped_delay, jittered_delay
 from kiosk_worker.tfs.client import (
     InvalidModelInput,
     MessageTooLarge,

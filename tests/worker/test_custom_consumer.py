@@ -16,9 +16,9 @@ import pytest
 import redis
 import tifffile
 
+import kiosk_protocol as protocol
 from harness.redis_server import RedisServer
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol
 from kiosk_worker.consumers import available, get_consumer_class
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "custom-consumer"

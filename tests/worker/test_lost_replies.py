@@ -18,10 +18,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from workerkit import save_tiff, spawn_worker, submit, worker_env
 
+import kiosk_protocol as protocol
 from harness.redis_fault_proxy import RedisFaultProxy
 from harness.wait import wait_for
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol
 
 
 @pytest.fixture()

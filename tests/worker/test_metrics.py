@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from workerkit import save_tiff, settings_for, spawn_worker, submit, worker_env
 
+import kiosk_protocol as protocol
 from harness.ports import free_port
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer
-from kiosk_worker import protocol
 from kiosk_worker.metrics import queue_wait
 from kiosk_worker.runner import Runner
 

@@ -12,21 +12,21 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from workerkit import run_batch, save_tiff, spawn_worker, submit, worker_env
 
+import kiosk_protocol as protocol
 from harness.ports import free_port
 from harness.redis_server import RedisServer, SentinelGroup
 from harness.wait import wait_for
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol
-from kiosk_worker.protocol import JobStore
-from kiosk_worker.redis_conn import connect
+from kiosk_protocol import JobStore
+from kiosk_protocol.redis_config import connect
+from kiosk_protocol.settings import SettingsError, load_settings
 from kiosk_worker.runner import Runner
-from kiosk_worker.settings import SettingsError, load_settings
 
 QUEUE = "segmentation"
 
 
 def _settings(env: dict[str, str], **extra: str):
-    return load_settings({"REDIS_TIMEOUT": "2", "EMPTY_QUEUE_TIMEOUT": "0.3", **env, **extra})
+    return load_settings({"REDIS_TIMEOUT": "2", "EMPTY_QUEUE_TIMEOUT": "0.3", **env, **extra}).redis_config()
 
 
 def _pop_and_beat(client: redis.Redis, worker: str = "w-1") -> str:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kiosk_worker.retry import backoff_delays, capped_delay, jittered_delay, retry_call
+from kiosk_protocol.backoff import backoff_delays, capped_delay, jittered_delay, retry_call
 
 
 class Flaky:

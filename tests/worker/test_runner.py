@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from workerkit import run_batch, save_tiff, settings_for, spawn_worker, submit, worker_env
 
+import kiosk_protocol as protocol
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol
 
 
 @pytest.fixture()

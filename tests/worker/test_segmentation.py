@@ -13,9 +13,9 @@ import redis
 import tifffile
 from workerkit import mean_matched_iou, result_labels, run_batch, save_tiff, settings_for, submit
 
+import kiosk_protocol as protocol
 from kiosk_model_server import ModelServer
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol
 
 DONE_FIELDS = ("output_url", "output_file_name", "upload_time", "download_time", "total_time",
                "finished_at")

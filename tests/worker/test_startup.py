@@ -19,7 +19,7 @@ HEAVY = ("scipy", "skimage", "google.cloud", "boto3", "botocore", "prometheus_cl
 
 PROBE = textwrap.dedent("""
     import json, sys
-    from kiosk_worker.settings import load_settings
+    from kiosk_protocol.settings import load_settings
     from kiosk_worker.runner import Runner
 
     env = {"CONSUMER_TYPE": sys.argv[1], "STORAGE_BUCKET": sys.argv[2], "REDIS_HOST": "127.0.0.1",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import redis
 
+import kiosk_protocol as protocol
 from harness.wait import wait_for
-from kiosk_worker import protocol
+from kiosk_protocol.settings import load_settings
 from kiosk_worker.consumers.base import Consumer
-from kiosk_worker.settings import load_settings
 
 
 class Steps(Consumer):

@@ -25,8 +25,8 @@ from harness.storage_servers import (  # noqa: F401 - fixtures
     s3_bucket,
     s3_server,
 )
-from kiosk_worker.settings import load_settings
-from kiosk_worker.storage import (
+from kiosk_protocol.settings import load_settings
+from kiosk_storage import (
     InputNotFound,
     Storage,
     StorageConfigError,
@@ -36,9 +36,9 @@ from kiosk_worker.storage import (
     open_storage,
     parse_bucket_url,
 )
-from kiosk_worker.storage.gcs import GCSStorage
-from kiosk_worker.storage.local import LocalStorage
-from kiosk_worker.storage.s3 import S3Storage
+from kiosk_storage.gcs import GCSStorage
+from kiosk_storage.local import LocalStorage
+from kiosk_storage.s3 import S3Storage
 
 PAYLOAD = bytes(range(256)) * 1200  # ~300 KB, every byte value
 
@@ -200,7 +200,7 @@ def test_gcs_unsigned_fallback_url_works_against_emulator(
         gcs_server: FakeGcsServer, gcs_bucket: str, input_file: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     storage = storage_from_env({"STORAGE_BUCKET": f"gs://{gcs_bucket}"})
-    with caplog.at_level(logging.WARNING, logger="kiosk_worker.storage.gcs"):
+    with caplog.at_level(logging.WARNING, logger="kiosk_storage.gcs"):
         name, url = storage.upload(str(input_file), "out")
         storage.upload(str(input_file), "out")
     assert url.startswith(f"{gcs_server.endpoint}/download/storage/v1/b/{gcs_bucket}/o/")
@@ -308,7 +308,7 @@ def test_5xx_is_retried_then_succeeds(flaky: tuple[str, FlakyProxy, str], input_
 
     proxy.fail_next(2, 503)
     before = proxy.requests
-    with caplog.at_level(logging.WARNING, logger="kiosk_worker.storage.base"):
+    with caplog.at_level(logging.WARNING, logger="kiosk_storage.base"):
         name, _ = storage.upload(str(input_file), "out")
     assert proxy.requests - before == 3  # two 503s, then the forwarded upload
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
@@ -361,7 +361,7 @@ def test_s3_connection_refused_is_retried_then_fails(s3_bucket: str, tmp_path: P
                                     "STORAGE_ENDPOINT": server.endpoint})
         name, _ = storage.upload(str(input_file))
         server.stop()  # the server goes away: connections are refused
-        with caplog.at_level(logging.WARNING, logger="kiosk_worker.storage.base"), \
+        with caplog.at_level(logging.WARNING, logger="kiosk_storage.base"), \
                 pytest.raises(StorageUnavailable) as info:
             storage.download(name, str(tmp_path))
         assert str(info.value).startswith(f"storage s3://{s3_bucket} unavailable after 3 attempts")
@@ -375,7 +375,7 @@ def test_gcs_connection_refused_is_retried_then_fails(tmp_path: Path, monkeypatc
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
     storage = storage_from_env({"STORAGE_BUCKET": "gs://gone"})
-    with caplog.at_level(logging.WARNING, logger="kiosk_worker.storage.base"), \
+    with caplog.at_level(logging.WARNING, logger="kiosk_storage.base"), \
             pytest.raises(StorageUnavailable) as info:
         storage.download("in.tif", str(tmp_path))
     assert str(info.value).startswith("storage gs://gone unavailable after 3 attempts (download 'in.tif')")

@@ -13,14 +13,14 @@ import pytest
 import redis
 import tifffile
 
+import kiosk_protocol as protocol
 from harness.redis_server import RedisServer
 from kiosk_model_server.server import ModelServer
 from kiosk_model_server.synthetic import make_timelapse
-from kiosk_worker import protocol
+from kiosk_protocol.settings import load_settings
 from kiosk_worker.consumers.tracking import movie_order
 from kiosk_worker.errors import BadImage
 from kiosk_worker.runner import Runner
-from kiosk_worker.settings import load_settings
 
 QUEUE = "track"
 
@@ -157,8 +157,8 @@ def test_tracking_through_a_fixed_size_model_tiles_every_frame(
 
 
 def test_track_max_gap_setting_reaches_the_tracker() -> None:
+    from kiosk_protocol.settings import load_settings
     from kiosk_worker.consumers.tracking import TrackingConsumer
-    from kiosk_worker.settings import load_settings
 
     consumer = TrackingConsumer.__new__(TrackingConsumer)
     consumer.settings = load_settings({"TRACK_MAX_GAP": "0"})

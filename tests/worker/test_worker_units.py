@@ -7,10 +7,10 @@ import pytest
 import redis
 
 from harness.redis_server import RedisServer
+from kiosk_protocol.redis_config import connect, parse_sentinel_hosts
+from kiosk_protocol.settings import SettingsError, load_settings
 from kiosk_worker import errors, imaging, results, tiling
 from kiosk_worker.postprocess import deep_watershed, label_batch
-from kiosk_worker.redis_conn import connect, parse_sentinel_hosts
-from kiosk_worker.settings import SettingsError, load_settings
 
 
 @pytest.mark.parametrize("length, tile, overlap", [(10, 64, 16), (64, 64, 16), (65, 64, 16),
@@ -139,8 +139,8 @@ def test_password_protected_redis():
     try:
         server.client().config_set("requirepass", "s3cret")
         env = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(server.port)}
-        assert connect(load_settings({**env, "REDIS_PASSWORD": "s3cret"})).ping()
+        assert connect(load_settings({**env, "REDIS_PASSWORD": "s3cret"}).redis_config()).ping()
         with pytest.raises(redis.AuthenticationError):
-            connect(load_settings(env)).ping()
+            connect(load_settings(env).redis_config()).ping()
     finally:
         server.cleanup()

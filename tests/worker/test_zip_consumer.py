@@ -18,11 +18,12 @@ import redis
 import tifffile
 from workerkit import StatusRecorder
 
+import kiosk_protocol as protocol
 from harness.redis_server import RedisServer
 from harness.wait import wait_for
 from kiosk_model_server.server import ModelServer
 from kiosk_model_server.synthetic import make_cells
-from kiosk_worker import protocol, zipjobs
+from kiosk_protocol import zipjobs
 
 N_IMAGES = 4
 EXPIRE_TIME = 600

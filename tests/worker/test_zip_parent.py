@@ -9,10 +9,11 @@ from pathlib import Path
 
 import redis
 
-from kiosk_worker import protocol, zipjobs
+import kiosk_protocol as protocol
+from kiosk_protocol import zipjobs
+from kiosk_protocol.settings import load_settings
+from kiosk_storage import open_storage
 from kiosk_worker.consumers.zipfile import LOST_REASON, ZipConsumer
-from kiosk_worker.settings import load_settings
-from kiosk_worker.storage import open_storage
 
 EXPIRE_TIME = 600
 

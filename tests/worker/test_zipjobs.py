@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from kiosk_worker import protocol, zipjobs
+import kiosk_protocol as protocol
+from kiosk_protocol import zipjobs
+from kiosk_worker import ziparchive
 from kiosk_worker.errors import JobError, reason_for
-from kiosk_worker.zipjobs import ZipLimits, ZipRejected
+from kiosk_worker.ziparchive import ZipLimits, ZipRejected
 
 LIMITS = ZipLimits(max_members=10, max_bytes=1 << 20)
 
@@ -53,13 +55,13 @@ def patch_declared_size(path: Path, size: int) -> None:
     ],
 )
 def test_member_target_keeps_or_skips(name: str, expected: str | None) -> None:
-    assert zipjobs.member_target(name) == expected
+    assert ziparchive.member_target(name) == expected
 
 
 @pytest.mark.parametrize("name", ["../evil.tif", "a/../../evil.tif", "/etc/passwd", "C:/x.tif", "..\\x.tif"])
 def test_member_target_rejects_escapes(name: str) -> None:
     with pytest.raises(ZipRejected) as err:
-        zipjobs.member_target(name)
+        ziparchive.member_target(name)
     assert "\n" not in str(err.value)
 
 
@@ -128,7 +130,7 @@ def test_extract_skips_dirs_hidden_and_macosx(tmp_path: Path) -> None:
         "__MACOSX/._a.tif": b"m", "sub/.DS_Store": b"d",
     })
     out = tmp_path / "out"
-    got = zipjobs.extract_archive(archive, out, LIMITS)
+    got = ziparchive.extract_archive(archive, out, LIMITS)
     assert sorted(got) == ["a.tif", "sub/b.png"]
     assert (out / "a.tif").read_bytes() == b"A" * 10
     assert (out / "sub" / "b.png").read_bytes() == b"B" * 20
@@ -139,7 +141,7 @@ def test_too_many_members_rejected_before_extracting(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "many.zip", {f"{i}.tif": b"x" for i in range(11)})
     out = tmp_path / "out"
     with pytest.raises(ZipRejected, match="more than 10 files"):
-        zipjobs.extract_archive(archive, out, LIMITS)
+        ziparchive.extract_archive(archive, out, LIMITS)
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -148,7 +150,7 @@ def test_bomb_rejected_from_declared_sizes(tmp_path: Path) -> None:
     assert archive.stat().st_size < 64 << 10  # highly compressed
     out = tmp_path / "out"
     with pytest.raises(ZipRejected, match="MAX_ZIP_BYTES") as err:
-        zipjobs.extract_archive(archive, out, LIMITS)
+        ziparchive.extract_archive(archive, out, LIMITS)
     assert "1 MiB" in str(err.value)
     assert not out.exists() or not any(out.iterdir())
 
@@ -157,14 +159,14 @@ def test_huge_declared_size_rejected(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "liar.zip", {"a.tif": b"small"})
     patch_declared_size(archive, 0xFFFF0000)
     with pytest.raises(ZipRejected, match="MAX_ZIP_BYTES"):
-        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
 
 
 def test_header_smaller_than_content_is_caught_while_extracting(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "liar.zip", {"a.tif": bytes(200_000)})
     patch_declared_size(archive, 100)
     with pytest.raises(ZipRejected) as err:
-        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
     assert "a.tif" in str(err.value)
     assert (tmp_path / "out" / "a.tif").stat().st_size <= 100
 
@@ -173,11 +175,11 @@ def test_total_counted_while_extracting(tmp_path: Path) -> None:
     """Many members whose sum passes the limit: caught from the headers, then by counting."""
     archive = make_zip(tmp_path / "sum.zip", {f"{i}.tif": bytes(300_000) for i in range(4)})
     with pytest.raises(ZipRejected, match="MAX_ZIP_BYTES"):
-        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
     infos = zipfile.ZipFile(archive).infolist()
     for info in infos:
         info.file_size = 1  # a forged directory passes the plan ...
-    assert len(zipjobs.plan_members(infos, LIMITS)) == 4
+    assert len(ziparchive.plan_members(infos, LIMITS)) == 4
 
 
 @pytest.mark.parametrize("name", ["../escape.tif", "/abs.tif", "ok/../../escape.tif"])
@@ -190,7 +192,7 @@ def test_traversal_rejected(tmp_path: Path, name: str) -> None:
     archive.write_bytes(buf.getvalue())
     out = tmp_path / "deep" / "out"
     with pytest.raises(ZipRejected, match="outside|absolute"):
-        zipjobs.extract_archive(archive, out, LIMITS)
+        ziparchive.extract_archive(archive, out, LIMITS)
     assert not (tmp_path / "deep" / "escape.tif").exists()
     assert not (tmp_path / "escape.tif").exists()
 
@@ -203,29 +205,29 @@ def test_symlink_rejected(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(ZipRejected, match="symbolic link"):
-        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
 
 
 def test_not_a_zip_and_empty_zip(tmp_path: Path) -> None:
     bad = tmp_path / "bad.zip"
     bad.write_bytes(b"this is not a zip file")
     with pytest.raises(ZipRejected, match="not a valid zip"):
-        zipjobs.extract_archive(bad, tmp_path / "o1", LIMITS)
+        ziparchive.extract_archive(bad, tmp_path / "o1", LIMITS)
     empty = make_zip(tmp_path / "empty.zip", {"dir/": b"", "__MACOSX/x": b"y"})
     with pytest.raises(ZipRejected, match="no files"):
-        zipjobs.extract_archive(empty, tmp_path / "o2", LIMITS)
+        ziparchive.extract_archive(empty, tmp_path / "o2", LIMITS)
 
 
 def test_duplicate_member_rejected(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "dup.zip", {"a.tif": b"1", "./a.tif": b"2"})
     with pytest.raises(ZipRejected, match="more than once"):
-        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
 
 
 def test_file_and_folder_with_one_name_rejected(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "clash.zip", {"a": b"file", "a/b/c.tif": b"x"})
     with pytest.raises(ZipRejected, match="both a file and a folder"):
-        zipjobs.extract_archive(archive, tmp_path / "out", LIMITS)
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
 
 
 def test_rejection_is_a_one_line_job_reason(tmp_path: Path) -> None:
@@ -240,9 +242,9 @@ def test_pack_results_unpacks_child_zips_into_folders(tmp_path: Path) -> None:
     plain = tmp_path / "c.tif"
     plain.write_bytes(b"3")
     out = tmp_path / "all.zip"
-    n = zipjobs.pack_results([("a.tif", r1), ("sub/b.png", r2), ("c.npy", plain)], out)
+    n = ziparchive.pack_results([("a.tif", r1), ("sub/b.png", r2), ("c.npy", plain)], out)
     with pytest.raises(ZipRejected):
-        zipjobs.member_target("../evil")
+        ziparchive.member_target("../evil")
     assert n == 3
     names = sorted(zipfile.ZipFile(out).namelist())
     assert names == ["a/a_feature_0.tif", "c/c.tif", "sub/b/b_feature_0.tif"]

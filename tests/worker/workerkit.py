@@ -19,10 +19,10 @@ import redis
 import tifffile
 from scipy.optimize import linear_sum_assignment
 
+import kiosk_protocol as protocol
 from kiosk_model_server import ModelServer
-from kiosk_worker import protocol
+from kiosk_protocol.settings import Settings, load_settings
 from kiosk_worker.runner import Runner
-from kiosk_worker.settings import Settings, load_settings
 
 WORKER_BIN = Path(sys.executable).with_name("kiosk-worker")
 

@@ -54,7 +54,7 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from kiosk_worker.settings import SettingsError, load_settings
+    from kiosk_protocol.settings import SettingsError, load_settings
 
     overrides: dict[str, Any] = {}
     if args.queue is not None:

@@ -8,7 +8,10 @@ the traceback in the log only.
 
 from __future__ import annotations
 
+from kiosk_protocol.errors import REASON_LIMIT, one_line
+
 __all__ = [
+    "REASON_LIMIT",
     "BadImage",
     "Cancelled",
     "ImageTooLarge",
@@ -20,13 +23,8 @@ __all__ = [
     "reason_for",
 ]
 
-REASON_LIMIT = 300
-
-
-def one_line(text: object, limit: int = REASON_LIMIT) -> str:
-    """Collapse whitespace to a single line and cap its length."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+#: Modules whose exceptions already carry a one-line message meant for users.
+_OWN_MODULES = ("kiosk_worker.", "kiosk_storage.", "kiosk_protocol.")
 
 
 class JobError(Exception):
@@ -70,7 +68,7 @@ def reason_for(err: BaseException) -> str:
         return str(err)
     # TF Serving client and storage errors carry one-line messages of their own.
     module = type(err).__module__
-    if module.startswith("kiosk_worker."):
+    if module.startswith(_OWN_MODULES):
         return one_line(err) or type(err).__name__
     if isinstance(err, FileNotFoundError):
         return one_line(f"input file not found: {err.filename or err}")

@@ -28,12 +28,12 @@ from typing import Any
 
 import redis
 
-from kiosk_worker import protocol
+import kiosk_protocol as protocol
+from kiosk_protocol.backoff import jittered_delay
+from kiosk_protocol.settings import Settings
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import Cancelled
 from kiosk_worker.metrics import Metrics, start_metrics
-from kiosk_worker.retry import jittered_delay
-from kiosk_worker.settings import Settings
 
 __all__ = ["MULTI_QUEUE_BLOCK", "Runner", "WorkerStats"]
 
@@ -103,9 +103,9 @@ class Runner:
         if not self.queues:
             raise ValueError("no queue to consume (QUEUE is empty)")
         if client is None:
-            from kiosk_worker.redis_conn import connect
+            from kiosk_protocol.redis_config import connect
 
-            client = connect(settings)
+            client = connect(settings.redis_config())
         self.client = client
         self.store = protocol.JobStore(client, self.name, settings.expire_time)
         self.max_jobs = settings.max_jobs if max_jobs is None else max_jobs
@@ -130,7 +130,7 @@ class Runner:
         from kiosk_worker.consumers import get_consumer
 
         if self._storage is None:
-            from kiosk_worker.storage import get_storage
+            from kiosk_storage import get_storage
 
             self._storage = get_storage(self.settings)
         return get_consumer(self.settings.consumer_type, redis_client=self.client, storage=self._storage,

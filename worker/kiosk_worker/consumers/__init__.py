@@ -16,8 +16,8 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from kiosk_protocol.settings import CONSUMER_ALIASES
 from kiosk_worker.consumers.base import Consumer, TensorFlowServingConsumer
-from kiosk_worker.settings import CONSUMER_ALIASES
 
 if TYPE_CHECKING:
     from importlib import metadata

@@ -57,10 +57,10 @@ from typing import Any
 import numpy as np
 import redis
 
-from kiosk_worker import protocol
+import kiosk_protocol as protocol
+from kiosk_protocol.settings import Settings
 from kiosk_worker.errors import Cancelled, JobError, ModelMismatch, reason_for
 from kiosk_worker.metrics import Metrics, queue_wait
-from kiosk_worker.settings import Settings
 
 __all__ = ["Consumer", "TensorFlowServingConsumer"]
 
@@ -245,10 +245,10 @@ class Consumer:
             self.name, protocol.STARTED, protocol.DONE, protocol.FAILED, protocol.utc_now_iso(),
             "1" if self.announce_start else "0"])
         if int(reply[0]) == 2:
-            self._prior_status = protocol._text(reply[2])
-            flat = [protocol._text(v) for v in reply[1]]
+            self._prior_status = protocol.text(reply[2])
+            flat = [protocol.text(v) for v in reply[1]]
             return dict(zip(flat[0::2], flat[1::2], strict=True))
-        why = "no such job hash" if int(reply[0]) == 0 else f"already {protocol._text(reply[1])}"
+        why = "no such job hash" if int(reply[0]) == 0 else f"already {protocol.text(reply[1])}"
         self.logger.warning("skipping %s: %s", redis_hash, why)
         return None
 

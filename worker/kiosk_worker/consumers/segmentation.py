@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kiosk_worker import imaging, protocol, results, tiling
+import kiosk_protocol as protocol
+from kiosk_worker import imaging, results, tiling
 from kiosk_worker.consumers.base import TensorFlowServingConsumer
 from kiosk_worker.errors import JobError, ModelMismatch
 from kiosk_worker.postprocess import WatershedParams, label_batch

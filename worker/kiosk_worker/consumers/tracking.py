@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from kiosk_worker import imaging, protocol, results, tracking
+import kiosk_protocol as protocol
+from kiosk_worker import imaging, results, tracking
 from kiosk_worker.consumers.segmentation import SegmentationConsumer
 from kiosk_worker.errors import BadImage
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import os
 import uuid
 
-from kiosk_worker import protocol, results, zipjobs
+import kiosk_protocol as protocol
+from kiosk_protocol import zipjobs
+from kiosk_worker import results, ziparchive
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import Cancelled, JobError, one_line, reason_for
 
@@ -45,8 +47,8 @@ class ZipConsumer(Consumer):
         return [q if q.endswith(protocol.ZIP_SUFFIX) else q + protocol.ZIP_SUFFIX for q in queues]
 
     @property
-    def limits(self) -> zipjobs.ZipLimits:
-        return zipjobs.ZipLimits(self.settings.max_zip_members, self.settings.max_zip_bytes)
+    def limits(self) -> ziparchive.ZipLimits:
+        return ziparchive.ZipLimits(self.settings.max_zip_members, self.settings.max_zip_bytes)
 
     def _consume(self, redis_hash: str) -> str:
         job = self.job  # read by the base class in the same round trip as the skip check
@@ -71,7 +73,7 @@ class ZipConsumer(Consumer):
         with self.timed("download_time"):
             archive = self.storage.download(input_name, self.tempdir)
         extract_dir = os.path.join(self.tempdir, "members")
-        members = zipjobs.extract_archive(archive, extract_dir, self.limits)
+        members = ziparchive.extract_archive(archive, extract_dir, self.limits)
         os.remove(archive)
 
         batch = uuid.uuid4().hex
@@ -115,7 +117,7 @@ class ZipConsumer(Consumer):
         pipe = self.redis.pipeline(transaction=False)
         for key in open_keys:
             pipe.hget(key, "status")
-        statuses = dict(zip(open_keys, (protocol._text(s) for s in pipe.execute()), strict=True))
+        statuses = dict(zip(open_keys, (protocol.text(s) for s in pipe.execute()), strict=True))
         tally = zipjobs.tally_children(children, done, failed, statuses)
         self.update_key(redis_hash, {
             "children:done": zipjobs.join_keys(tally.done),
@@ -136,7 +138,7 @@ class ZipConsumer(Consumer):
         for key in (*tally.done, *tally.failed):
             pipe.hmget(key, fields)
         rows = dict(zip((*tally.done, *tally.failed),
-                        ([protocol._text(v) for v in row] for row in pipe.execute()), strict=True))
+                        ([protocol.text(v) for v in row] for row in pipe.execute()), strict=True))
 
         failures: dict[str, str] = {}
         for key in tally.failed:
@@ -162,7 +164,7 @@ class ZipConsumer(Consumer):
 
         stem = results.result_stem(job.get("original_name") or job.get("input_file_name", ""), "archive")
         out_zip = os.path.join(self.tempdir, f"{stem}_results.zip")
-        zipjobs.pack_results(packed, out_zip)
+        ziparchive.pack_results(packed, out_zip)
         with self.timed("upload_time"):
             dest, url = self.storage.upload(out_zip)
 

@@ -3,7 +3,7 @@
 One channel per client (so per worker), reused for every call. Transient
 failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED) are retried a
 bounded number of times with capped exponential backoff and full jitter
-(``kiosk_worker.retry.jittered_delay``, the formula every retry uses); everything
+(``kiosk_protocol.backoff.jittered_delay``, the formula every retry uses); everything
 else fails at once. Every failure surfaces as a TFServingError subclass whose
 message is one line a user can read (it ends up as a job's ``reason``).
 """
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kiosk_worker.retry import jittered_delay
+from kiosk_protocol.backoff import jittered_delay
 from kiosk_worker.tfs.messages import (
     decode_predict_response,
     encode_metadata_request,

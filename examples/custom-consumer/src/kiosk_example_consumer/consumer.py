@@ -13,7 +13,8 @@ import os
 import numpy as np
 from scipy import ndimage
 
-from kiosk_worker import imaging, protocol, results
+import kiosk_protocol as protocol
+from kiosk_worker import imaging, results
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import JobError
 

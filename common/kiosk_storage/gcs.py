@@ -26,7 +26,7 @@ import threading
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import quote
 
-from kiosk_worker.storage.base import Fault, Location, Storage
+from kiosk_storage.base import Fault, Location, Storage
 
 if TYPE_CHECKING:
     from google.cloud import storage

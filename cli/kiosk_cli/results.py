@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kiosk_cli.connect import _short
 from kiosk_cli.errors import CliError
+from kiosk_protocol.errors import describe
 
 
 def output_location(fields: Mapping[str, str]) -> str:
@@ -24,4 +24,4 @@ def download_output(storage: Any, key: str, fields: Mapping[str, str], out_dir: 
     try:
         return str(storage.download(where, str(out_dir)))
     except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
-        raise CliError(f"cannot download {where} for job {key}: {_short(exc)}") from None
+        raise CliError(f"cannot download {where} for job {key}: {describe(exc)}") from None

@@ -1,7 +1,7 @@
-"""Connections from flags and the worker's environment variables (one settings source).
+"""Connections from flags and the Kiosk environment variables (one settings source).
 
-Flags override the environment; the environment is read by the worker's own
-``load_settings`` so REDIS_HOST, STORAGE_BUCKET, ... mean the same thing here.
+Flags override the environment; the environment is read by the shared ``load_settings``
+so REDIS_HOST, STORAGE_BUCKET, ... mean the same thing here as in a worker.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 import redis
 
 from kiosk_cli.errors import CliError
-from kiosk_worker import redis_conn
-from kiosk_worker.settings import Settings, SettingsError, load_settings
+from kiosk_protocol import redis_config
+from kiosk_protocol.errors import describe
+from kiosk_protocol.settings import Settings, SettingsError, load_settings
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,37 +49,30 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | No
 
 def redis_client(settings: Settings) -> redis.Redis:
     """A connected client (the worker's own connection code); unreachable Redis is a CliError."""
-    where = f"{settings.redis_host}:{settings.redis_port}"
-    if settings.redis_sentinel_hosts.strip():
-        where = f"sentinel {settings.redis_sentinel_hosts} ({settings.redis_sentinel_master})"
+    config = settings.redis_config()
+    where = config.where
     try:
-        client = redis_conn.connect(settings)
+        client = redis_config.connect(config)
         client.ping()
     except SettingsError as exc:
         raise CliError(str(exc)) from None
     except redis.AuthenticationError as exc:
-        raise CliError(f"Redis at {where} refused the password: {_short(exc)}") from None
+        raise CliError(f"Redis at {where} refused the password: {describe(exc)}") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise CliError(f"cannot reach Redis at {where}: {_short(exc)}") from None
+        raise CliError(f"cannot reach Redis at {where}: {describe(exc)}") from None
     except redis.RedisError as exc:
-        raise CliError(f"Redis at {where} failed: {_short(exc)}") from None
+        raise CliError(f"Redis at {where} failed: {describe(exc)}") from None
     return client
 
 
 def storage_for(settings: Settings) -> Any:
     """The worker's storage backend for the configured bucket."""
     try:
-        from kiosk_worker.storage import get_storage
-    except ImportError as exc:  # the worker extra is not installed
-        hint = "pip install 'kiosk-operator[worker]'"
+        from kiosk_storage import get_storage
+    except ImportError as exc:  # the storage libraries are not installed
+        hint = "pip install 'kiosk-operator[cli]'"
         raise CliError(f"storage support is not installed ({exc}); {hint}") from None
     try:
         return get_storage(settings)
     except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
-        raise CliError(f"cannot open bucket {settings.bucket_url}: {_short(exc)}") from None
-
-
-def _short(exc: BaseException) -> str:
-    """First line of an exception message, with its type when the message is empty."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
+        raise CliError(f"cannot open bucket {settings.bucket_url}: {describe(exc)}") from None

@@ -9,9 +9,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 from rich.text import Text
 
+import kiosk_protocol as protocol
 from kiosk_cli.status import Snapshot
 from kiosk_cli.track import JobView
-from kiosk_worker import protocol
 
 _STATUS_STYLE = {protocol.DONE: "green", protocol.FAILED: "red", "missing": "red"}
 

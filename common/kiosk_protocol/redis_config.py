@@ -1,4 +1,4 @@
-"""Build the worker's Redis client from Settings: plain, password, TLS or Sentinel.
+"""A Redis client from a RedisConfig: plain, password, TLS or Sentinel (worker, operator, CLI).
 
 Responses are decoded to ``str`` (custom consumers call ``self.redis.hgetall``
 as upstream did). The socket timeout covers the longest blocking pop
@@ -12,6 +12,7 @@ and is retried, so a failover costs a reconnect, not the worker.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,38 @@ from redis.connection import SSLConnection
 from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel, SentinelManagedConnection
 
-from kiosk_worker.settings import Settings, SettingsError
+from kiosk_protocol.errors import ConfigError, describe
 
-__all__ = ["client_kwargs", "connect", "parse_sentinel_hosts", "sentinel_kwargs", "tls_kwargs"]
+__all__ = ["RedisConfig", "client_kwargs", "connect", "parse_sentinel_hosts",
+           "sentinel_kwargs", "tls_kwargs"]
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Where Redis is and how to talk to it. Field names follow the REDIS_* variables."""
+
+    host: str = "redis-master"
+    port: int = 6379
+    password: str = ""
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    sentinel_hosts: str = ""
+    sentinel_master: str = "mymaster"
+    #: None: the Sentinels get the Redis password (Bitnami's chart shares it); "": send none.
+    sentinel_password: str | None = None
+    #: Connect and reply timeout (REDIS_TIMEOUT).
+    timeout: float = 3.0
+    #: The longest blocking pop (EMPTY_QUEUE_TIMEOUT), added to the socket timeout.
+    block_timeout: float = 0.0
+
+    @property
+    def where(self) -> str:
+        """For error messages: host:port, or the Sentinels and master name."""
+        if self.sentinel_hosts.strip():
+            return f"sentinel {self.sentinel_hosts} ({self.sentinel_master})"
+        return f"{self.host}:{self.port}"
 
 
 def parse_sentinel_hosts(text: str, default_port: int = 26379) -> list[tuple[str, int]]:
@@ -39,7 +69,7 @@ def parse_sentinel_hosts(text: str, default_port: int = 26379) -> list[tuple[str
         except ValueError:
             number = -1
         if not 0 < number < 65536 or not (host or part).strip():
-            raise SettingsError(
+            raise ConfigError(
                 f"invalid setting REDIS_SENTINEL_HOSTS={text!r}: bad host:port '{part}'")
         hosts.append((host or part, number))
     return hosts
@@ -47,52 +77,47 @@ def parse_sentinel_hosts(text: str, default_port: int = 26379) -> list[tuple[str
 
 def _readable(variable: str, path: str) -> str:
     if not Path(path).is_file():
-        raise SettingsError(f"invalid setting {variable}={path!r}: no such file")
+        raise ConfigError(f"invalid setting {variable}={path!r}: no such file")
     return path
 
 
-def tls_kwargs(settings: Settings) -> dict[str, Any]:
+def tls_kwargs(config: RedisConfig) -> dict[str, Any]:
     """redis-py TLS options (server verified against REDIS_TLS_CA_FILE or the system CAs)."""
-    files = {"REDIS_TLS_CA_FILE": settings.redis_tls_ca_file,
-             "REDIS_TLS_CERT_FILE": settings.redis_tls_cert_file,
-             "REDIS_TLS_KEY_FILE": settings.redis_tls_key_file}
-    if not settings.redis_tls:
+    files = {"REDIS_TLS_CA_FILE": config.tls_ca_file,
+             "REDIS_TLS_CERT_FILE": config.tls_cert_file,
+             "REDIS_TLS_KEY_FILE": config.tls_key_file}
+    if not config.tls:
         named = [name for name, value in files.items() if value]
         if named:
-            raise SettingsError(f"invalid setting {named[0]}={files[named[0]]!r}: REDIS_TLS is not true")
+            raise ConfigError(f"invalid setting {named[0]}={files[named[0]]!r}: REDIS_TLS is not true")
         return {}
-    if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):
-        missing = "REDIS_TLS_KEY_FILE" if settings.redis_tls_cert_file else "REDIS_TLS_CERT_FILE"
-        raise SettingsError(f"invalid setting {missing}='': needed with its certificate/key partner")
+    if bool(config.tls_cert_file) != bool(config.tls_key_file):
+        missing = "REDIS_TLS_KEY_FILE" if config.tls_cert_file else "REDIS_TLS_CERT_FILE"
+        raise ConfigError(f"invalid setting {missing}='': needed with its certificate/key partner")
     kwargs: dict[str, Any] = {"ssl": True}
-    if settings.redis_tls_ca_file:
-        kwargs["ssl_ca_certs"] = _readable("REDIS_TLS_CA_FILE", settings.redis_tls_ca_file)
-    if settings.redis_tls_cert_file:
-        kwargs["ssl_certfile"] = _readable("REDIS_TLS_CERT_FILE", settings.redis_tls_cert_file)
-        kwargs["ssl_keyfile"] = _readable("REDIS_TLS_KEY_FILE", settings.redis_tls_key_file)
+    if config.tls_ca_file:
+        kwargs["ssl_ca_certs"] = _readable("REDIS_TLS_CA_FILE", config.tls_ca_file)
+    if config.tls_cert_file:
+        kwargs["ssl_certfile"] = _readable("REDIS_TLS_CERT_FILE", config.tls_cert_file)
+        kwargs["ssl_keyfile"] = _readable("REDIS_TLS_KEY_FILE", config.tls_key_file)
     return kwargs
 
 
-def client_kwargs(settings: Settings) -> dict[str, Any]:
+def client_kwargs(config: RedisConfig) -> dict[str, Any]:
     """Connection options shared by direct and Sentinel-managed clients."""
     kwargs: dict[str, Any] = {
         "decode_responses": True,
-        "socket_connect_timeout": settings.redis_timeout,
-        "socket_timeout": settings.redis_timeout + settings.empty_queue_timeout,
+        "socket_connect_timeout": config.timeout,
+        "socket_timeout": config.timeout + config.block_timeout,
         "socket_keepalive": True,
         "health_check_interval": 30,
         # Bounded, jittered retries of single commands on connection errors.
         "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), 3),
     }
-    if settings.redis_password:
-        kwargs["password"] = settings.redis_password
-    kwargs.update(tls_kwargs(settings))
+    if config.password:
+        kwargs["password"] = config.password
+    kwargs.update(tls_kwargs(config))
     return kwargs
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Sentinel(Sentinel):
@@ -106,10 +131,10 @@ class _Sentinel(Sentinel):
             try:
                 masters = sentinel.sentinel_masters()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                problems.append(f"{where} {_one_line(exc)}")
+                problems.append(f"{where} {describe(exc, 200)}")
                 continue
             except redis.ResponseError as exc:  # e.g. a plain Redis, not a Sentinel
-                problems.append(f"{where} is not a Sentinel ({_one_line(exc)})")
+                problems.append(f"{where} is not a Sentinel ({describe(exc, 200)})")
                 continue
             state = masters.get(service_name)
             if state is None:
@@ -147,35 +172,35 @@ class _MasterSSLConnection(_MasterConnection, SSLConnection):
     pass
 
 
-def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+def sentinel_kwargs(config: RedisConfig) -> dict[str, Any]:
     """Options for talking to the Sentinels themselves: same TLS, their own password."""
-    kwargs: dict[str, Any] = {"socket_connect_timeout": settings.redis_timeout,
-                              "socket_timeout": settings.redis_timeout,
+    kwargs: dict[str, Any] = {"socket_connect_timeout": config.timeout,
+                              "socket_timeout": config.timeout,
                               # One quick retry per Sentinel: the next Sentinel is the real fallback
                               # (redis-py's default would spend seconds on a dead one).
                               "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 1)}
-    password = settings.redis_sentinel_password
+    password = config.sentinel_password
     if password is None:
-        password = settings.redis_password
+        password = config.password
     if password:
         kwargs["password"] = password
-    kwargs.update(tls_kwargs(settings))
+    kwargs.update(tls_kwargs(config))
     return kwargs
 
 
-def connect(settings: Settings) -> redis.Redis:
+def connect(config: RedisConfig) -> redis.Redis:
     """A client for the master: through Sentinel if REDIS_SENTINEL_HOSTS is set.
 
-    Nothing is contacted yet; bad settings raise SettingsError (one line, naming the variable),
+    Nothing is contacted yet; bad settings raise ConfigError (one line, naming the variable),
     unreachable servers raise redis.ConnectionError on first use.
     """
-    kwargs = client_kwargs(settings)
-    if settings.redis_sentinel_hosts.strip():
-        hosts = parse_sentinel_hosts(settings.redis_sentinel_hosts)
+    kwargs = client_kwargs(config)
+    if config.sentinel_hosts.strip():
+        hosts = parse_sentinel_hosts(config.sentinel_hosts)
         if not hosts:
-            raise SettingsError(
-                f"invalid setting REDIS_SENTINEL_HOSTS={settings.redis_sentinel_hosts!r}: names no host")
-        sentinel = _Sentinel(hosts, sentinel_kwargs=sentinel_kwargs(settings), **kwargs)
-        connection_class = _MasterSSLConnection if settings.redis_tls else _MasterConnection
-        return sentinel.master_for(settings.redis_sentinel_master, connection_class=connection_class)
-    return redis.Redis(host=settings.redis_host, port=settings.redis_port, **kwargs)
+            raise ConfigError(
+                f"invalid setting REDIS_SENTINEL_HOSTS={config.sentinel_hosts!r}: names no host")
+        sentinel = _Sentinel(hosts, sentinel_kwargs=sentinel_kwargs(config), **kwargs)
+        connection_class = _MasterSSLConnection if config.tls else _MasterConnection
+        return sentinel.master_for(config.sentinel_master, connection_class=connection_class)
+    return redis.Redis(host=config.host, port=config.port, **kwargs)

@@ -17,7 +17,7 @@ import threading
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from kiosk_worker.storage.base import Fault, Location, Storage, StorageConfigError
+from kiosk_storage.base import Fault, Location, Storage, StorageConfigError
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",

@@ -14,7 +14,7 @@ import tempfile
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from kiosk_worker.storage.base import Fault, Location, Storage, StorageError
+from kiosk_storage.base import Fault, Location, Storage, StorageError
 
 
 class LocalStorage(Storage):

@@ -9,9 +9,9 @@ from typing import Any
 
 import redis
 
-from kiosk_cli.connect import _short
+import kiosk_protocol as protocol
 from kiosk_cli.errors import CliError
-from kiosk_worker import protocol
+from kiosk_protocol.errors import describe
 
 UPLOAD_DIR = "uploads"
 
@@ -54,11 +54,11 @@ def submit_files(
         try:
             dest, url = storage.upload(str(path), subdir=UPLOAD_DIR)
         except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
-            raise CliError(f"cannot upload {path} to the bucket: {_short(exc)}") from None
+            raise CliError(f"cannot upload {path} to the bucket: {describe(exc)}") from None
         extra = {"original_name": path.name, "url": url or "", **(fields or {})}
         try:
             key = protocol.submit_job(client, queue, dest, model_name, model_version, **extra)
         except redis.RedisError as exc:
-            raise CliError(f"cannot write job for {path} to Redis: {_short(exc)}") from None
+            raise CliError(f"cannot write job for {path} to Redis: {describe(exc)}") from None
         submitted.append(Submitted(key, path, dest))
     return submitted

@@ -1,4 +1,4 @@
-"""Worker settings from environment variables.
+"""Kiosk settings from environment variables (worker, CLI, local mode).
 
 The Kiosk consumer's table (names and defaults) is honoured unchanged; ours are
 added beside it. A bad value stops the worker at start with one line naming the
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from kiosk_protocol.errors import ConfigError
+from kiosk_protocol.redis_config import RedisConfig
 
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
-    """An environment variable has a value the worker cannot use."""
+#: An environment variable has a value that cannot be used (one line naming it).
+SettingsError = ConfigError
 
 
 CONSUMER_ALIASES = {"image": "segmentation", "caliban": "tracking"}
@@ -73,7 +76,16 @@ class Settings:
     log_level: str = "INFO"
     log_json: bool = False
     metrics_port: int = 0
-    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def redis_config(self) -> RedisConfig:
+        """The REDIS_* settings; the socket timeout covers the longest blocking pop."""
+        return RedisConfig(
+            host=self.redis_host, port=self.redis_port, password=self.redis_password, tls=self.redis_tls,
+            tls_ca_file=self.redis_tls_ca_file, tls_cert_file=self.redis_tls_cert_file,
+            tls_key_file=self.redis_tls_key_file, sentinel_hosts=self.redis_sentinel_hosts,
+            sentinel_master=self.redis_sentinel_master, sentinel_password=self.redis_sentinel_password,
+            timeout=self.redis_timeout, block_timeout=self.empty_queue_timeout,
+        )
 
     @property
     def queues(self) -> list[str]:

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import redis
 
-from kiosk_cli.connect import _short
+import kiosk_protocol as protocol
 from kiosk_cli.errors import CliError
 from kiosk_cli.pools import PoolRow
-from kiosk_worker import protocol
+from kiosk_protocol.errors import describe
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,6 @@ def collect(
                 )
                 worker_rows.append(row)
     except redis.RedisError as exc:
-        raise CliError(f"Redis failed while reading queue depth: {_short(exc)}") from None
+        raise CliError(f"Redis failed while reading queue depth: {describe(exc)}") from None
     worker_rows.sort(key=lambda w: (w.queue, w.name))
     return Snapshot(tuple(queue_rows), tuple(worker_rows), pools, pools_note)

@@ -1,10 +1,11 @@
-"""Zip jobs: safe archive extraction and the parent/child bookkeeping of the zip consumer.
+"""Zip archives of zip jobs: safe extraction of the upload and packing of the results.
 
 Upstream extracted archives with no limits and trusted member names. Here an
 archive is checked twice: first from its central directory (member count,
 declared sizes, names, symlinks) before a byte is written, then while each
 member streams out, counting real bytes, because declared sizes can lie.
-Everything except ``extract_archive`` and ``pack_results`` is pure.
+Everything except ``extract_archive`` and ``pack_results`` is pure. The parent/child
+bookkeeping on the wire is kiosk_protocol.zipjobs.
 """
 
 from __future__ import annotations
@@ -12,61 +13,25 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-import urllib.parse
 import zipfile
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiosk_worker import protocol
 from kiosk_worker.errors import JobError
 
 __all__ = [
-    "CHILD_DROP_FIELDS",
-    "ChildTally",
     "ZipLimits",
     "ZipRejected",
-    "child_fields",
-    "child_key",
-    "child_queue_of",
-    "decode_failures",
-    "encode_failures",
     "extract_archive",
-    "join_keys",
     "member_target",
     "pack_results",
     "plan_members",
-    "progress_percent",
     "result_folder",
-    "split_keys",
-    "tally_children",
 ]
 
-KEY_SEPARATOR = ","
 _CHUNK = 1 << 16
-
-#: Parent fields a child must not inherit (they describe the parent's own progress or result).
-CHILD_DROP_FIELDS: frozenset[str] = frozenset(
-    {
-        "children",
-        "children:done",
-        "children:failed",
-        "progress",
-        "failures",
-        "total_jobs",
-        "identity_started",
-        "reason",
-        "output_url",
-        "output_file_name",
-        "finished_at",
-        "upload_time",
-        "download_time",
-        "total_time",
-        "updated_by",
-    }
-)
-
 
 class ZipRejected(JobError):
     """The archive is unsafe or unusable; the message is the user-facing one-line reason."""
@@ -78,51 +43,6 @@ class ZipLimits:
 
     max_members: int = 1000
     max_bytes: int = 2 * 1024 * 1024 * 1024
-
-
-# --- names ------------------------------------------------------------------------------------
-
-
-def child_queue_of(queue: str) -> str:
-    """Children go to the sibling queue: ``segmentation-zip`` -> ``segmentation``."""
-    if queue.endswith(protocol.ZIP_SUFFIX) and len(queue) > len(protocol.ZIP_SUFFIX):
-        return queue[: -len(protocol.ZIP_SUFFIX)]
-    return queue
-
-
-def child_key(child_queue: str, member_path: str, job_id: str | None = None) -> str:
-    """``{child_queue}:{member_path}:{uuid}``, as the Kiosk names children."""
-    return protocol.job_key(child_queue, member_path, job_id)
-
-
-def split_keys(text: str | None) -> list[str]:
-    """Comma-joined key list -> keys, dropping blanks (order kept, duplicates removed)."""
-    seen: dict[str, None] = {}
-    for part in (text or "").split(KEY_SEPARATOR):
-        part = part.strip()
-        if part:
-            seen.setdefault(part, None)
-    return list(seen)
-
-
-def join_keys(keys: Iterable[str]) -> str:
-    return KEY_SEPARATOR.join(k for k in keys if k)
-
-
-def encode_failures(failures: Mapping[str, str]) -> str:
-    """``failures`` as the Kiosk writes it: ``urllib.parse.urlencode({child_key: reason})``."""
-    return urllib.parse.urlencode(dict(failures))
-
-
-def decode_failures(text: str | None) -> dict[str, str]:
-    return dict(urllib.parse.parse_qsl(text or "", keep_blank_values=True))
-
-
-def progress_percent(finished: int, total: int) -> int:
-    """0-100; an empty archive is complete."""
-    if total <= 0:
-        return 100
-    return min(100, max(0, round(100 * finished / total)))
 
 
 # --- member checks ----------------------------------------------------------------------------
@@ -240,68 +160,6 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
 
 
 # --- children ---------------------------------------------------------------------------------
-
-
-def child_fields(parent: Mapping[str, str], input_file_name: str, member_path: str,
-                 worker: str, now: str | None = None) -> dict[str, str]:
-    """A child job hash: a copy of the parent with its own input file and status new."""
-    stamp = now or protocol.utc_now_iso()
-    fields = {k: v for k, v in parent.items() if k not in CHILD_DROP_FIELDS}
-    fields.update(
-        input_file_name=input_file_name,
-        original_name=member_path,
-        status=protocol.NEW,
-        identity_upload=worker,
-        created_at=stamp,
-        updated_at=stamp,
-    )
-    return fields
-
-
-@dataclass(frozen=True)
-class ChildTally:
-    """Where the children of one parent stand after a check."""
-
-    done: tuple[str, ...]
-    failed: tuple[str, ...]
-    remaining: tuple[str, ...]
-
-    @property
-    def total(self) -> int:
-        return len(self.done) + len(self.failed) + len(self.remaining)
-
-    @property
-    def progress(self) -> int:
-        return progress_percent(len(self.done) + len(self.failed), self.total)
-
-    @property
-    def complete(self) -> bool:
-        return not self.remaining
-
-
-def tally_children(children: Iterable[str], done: Iterable[str], failed: Iterable[str],
-                   statuses: Mapping[str, str | None]) -> ChildTally:
-    """Fold freshly read child statuses into the parent's running lists.
-
-    ``statuses`` holds the current status of the children still open; a child
-    whose hash is gone (None) counts as failed, since its result is lost.
-    """
-    done_set, failed_set = set(done), set(failed)
-    new_done, new_failed, remaining = [], [], []
-    for key in children:
-        if key in done_set:
-            new_done.append(key)
-        elif key in failed_set:
-            new_failed.append(key)
-        else:
-            status = statuses.get(key, "")
-            if status == protocol.DONE:
-                new_done.append(key)
-            elif status == protocol.FAILED or status is None:
-                new_failed.append(key)
-            else:
-                remaining.append(key)
-    return ChildTally(tuple(new_done), tuple(new_failed), tuple(remaining))
 
 
 def result_folder(member_path: str) -> str:

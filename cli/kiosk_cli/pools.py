@@ -6,9 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-GROUP = "kiosk.deepcell.org"
-VERSION = "v1alpha1"
-PLURAL = "consumerpools"
+from kiosk_protocol.crd import GROUP, PLURAL, VERSION
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from rich.console import Console
 
+import kiosk_protocol as protocol
 from kiosk_cli import connect, display, inputs, pools, results, status, submit, track
 from kiosk_cli.errors import CliError
-from kiosk_worker import protocol, zipjobs
+from kiosk_protocol import zipjobs
 
 log = logging.getLogger("kiosk_cli")
 EXIT_ERROR = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kiosk_worker.storage.base import (
+from kiosk_storage.base import (
     MAX_SIGNED_URL_EXPIRY,
     InputNotFound,
     Location,
@@ -24,7 +24,7 @@ from kiosk_worker.storage.base import (
 )
 
 if TYPE_CHECKING:
-    from kiosk_worker.settings import Settings
+    from kiosk_protocol.settings import Settings
 
 __all__ = [
     "MAX_SIGNED_URL_EXPIRY", "InputNotFound", "Location", "Storage", "StorageConfigError",
@@ -48,14 +48,14 @@ def open_storage(
     common: dict[str, Any] = dict(public=public, url_expiry=url_expiry, max_retry=max_retry,
                                   backoff=backoff, **extra)
     if location.scheme == "file":
-        from kiosk_worker.storage.local import LocalStorage
+        from kiosk_storage.local import LocalStorage
 
         return LocalStorage(location, **common)
     if location.scheme == "s3":
-        from kiosk_worker.storage.s3 import S3Storage
+        from kiosk_storage.s3 import S3Storage
 
         return S3Storage(location, endpoint=endpoint, **common)
-    from kiosk_worker.storage.gcs import GCSStorage
+    from kiosk_storage.gcs import GCSStorage
 
     return GCSStorage(location, endpoint=endpoint, **common)
 

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import BinaryIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from kiosk_worker.retry import retry_call
+from kiosk_protocol.backoff import retry_call
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import redis
 
-from kiosk_cli.connect import _short
+import kiosk_protocol as protocol
 from kiosk_cli.errors import CliError
-from kiosk_worker import protocol
+from kiosk_protocol.errors import describe
 
 #: Fields a client needs to follow a job (the ones the Kiosk frontend polls).
 TRACKED_FIELDS = ("status", "progress", "reason", "output_url", "output_file_name", "failures", "children")
@@ -71,7 +71,7 @@ def fetch_views(client: redis.Redis, keys: Sequence[str]) -> list[JobView]:
     try:
         replies = pipe.execute()
     except redis.RedisError as exc:
-        raise CliError(f"lost connection to Redis while waiting: {_short(exc)}") from None
+        raise CliError(f"lost connection to Redis while waiting: {describe(exc)}") from None
     views = []
     for key, values in zip(keys, replies, strict=True):
         pairs = zip(TRACKED_FIELDS, values, strict=True)

@@ -1,0 +1,92 @@
+"""Statuses and hash fields of Kiosk jobs, as the Kiosk frontend and consumers write them."""
+
+from __future__ import annotations
+
+# --- statuses -------------------------------------------------------------------------------
+
+NEW = "new"
+STARTED = "started"
+PRE_PROCESSING = "pre-processing"
+PREDICTING = "predicting"
+POST_PROCESSING = "post-processing"
+SAVING_RESULTS = "saving-results"
+WAITING = "waiting"
+DONE = "done"
+FAILED = "failed"
+FINISHED_STATUSES = frozenset({DONE, FAILED})
+
+#: Fields the Kiosk frontend writes at submission; unset ones are ''.
+SUBMISSION_FIELDS: tuple[str, ...] = (
+    "original_name",
+    "input_file_name",
+    "model_name",
+    "model_version",
+    "postprocess_function",
+    "preprocess_function",
+    "cuts",
+    "url",
+    "label",
+    "status",
+    "created_at",
+    "updated_at",
+    "identity_upload",
+    "dimension_order",
+    "channels",
+    "scale",
+    "segmentation_type",
+)
+
+# Fields every consumer write stamps.
+UPDATED_AT = "updated_at"
+UPDATED_BY = "updated_by"
+IDENTITY_STARTED = "identity_started"
+STATUS = "status"
+REASON = "reason"
+
+# --- zip parents (the zip consumer's own fields on the parent hash) --------------------------
+
+CHILDREN = "children"
+CHILDREN_DONE = "children:done"
+CHILDREN_FAILED = "children:failed"
+PROGRESS = "progress"
+FAILURES = "failures"
+TOTAL_JOBS = "total_jobs"
+
+#: Parent fields a child must not inherit (they describe the parent's own progress or result).
+CHILD_DROP_FIELDS: frozenset[str] = frozenset(
+    {
+        CHILDREN,
+        CHILDREN_DONE,
+        CHILDREN_FAILED,
+        PROGRESS,
+        FAILURES,
+        TOTAL_JOBS,
+        IDENTITY_STARTED,
+        REASON,
+        "output_url",
+        "output_file_name",
+        "finished_at",
+        "upload_time",
+        "download_time",
+        "total_time",
+        UPDATED_BY,
+    }
+)
+
+# --- worker heartbeat hash (kiosk:worker:{name}) ---------------------------------------------
+
+HB_HEARTBEAT = "heartbeat"
+HB_QUEUES = "queues"
+HB_CURRENT = "current"
+HB_STATE = "state"
+HB_CONSUMER_TYPE = "consumer_type"
+HB_JOBS_DONE = "jobs_done"
+HB_JOBS_FAILED = "jobs_failed"
+HB_SERVICE_EWMA = "service_time_ewma"
+HB_SERVICE_SAMPLES = "service_time_samples"
+HB_STARTED_AT = "started_at"
+
+# Worker states reported in HB_STATE.
+STATE_IDLE = "idle"
+STATE_BUSY = "busy"
+STATE_DRAINING = "draining"

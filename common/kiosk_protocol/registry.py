@@ -1,0 +1,136 @@
+"""The worker registry: heartbeats, the one liveness rule, queue depth and reclaim.
+
+Workers beat into ``kiosk:workers:{queue}`` (ZSET name -> unix time) and ``kiosk:worker:{name}``
+(a hash of facts that expires with the heartbeat), so depth and reclaim cost O(queues +
+workers) commands and never SCAN the keyspace.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from kiosk_protocol import scripts
+from kiosk_protocol.fields import HB_HEARTBEAT, HB_QUEUES
+from kiosk_protocol.keys import processing_key, text, worker_info_key, workers_key
+
+#: Heartbeats a worker may miss before it counts as gone.
+MISSED_BEATS = 3
+#: Seconds of slack on top (GC pauses, a slow Redis round trip).
+HEARTBEAT_SLACK = 3.0
+
+RECLAIM_TAKEN_ELSEWHERE = 0
+RECLAIM_REQUEUED = 1
+RECLAIM_DROPPED = 2
+
+
+def heartbeat_ttl(interval: float) -> float:
+    """The liveness rule: a worker beating every ``interval`` s is overdue after this long."""
+    return MISSED_BEATS * interval + HEARTBEAT_SLACK
+
+
+def beat(
+    client: redis.Redis, worker: str, queues: list[str], interval: float, info: Mapping[str, Any] | None = None
+) -> None:
+    """Register ``worker`` as alive; its facts expire when it is overdue (heartbeat_ttl)."""
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.zadd(workers_key(queue), {worker: now})
+    info_key = worker_info_key(worker)
+    data = {HB_HEARTBEAT: f"{now:.3f}", HB_QUEUES: ",".join(queues)}
+    if info:
+        data.update({k: "" if v is None else str(v) for k, v in info.items()})
+    pipe.hset(info_key, mapping=data)
+    pipe.expire(info_key, max(1, math.ceil(heartbeat_ttl(interval))))
+    pipe.execute()
+
+
+def unregister(client: redis.Redis, worker: str, queues: Iterable[str]) -> None:
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.zrem(workers_key(queue), worker)
+    pipe.delete(worker_info_key(worker))
+    pipe.execute()
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    name: str
+    queue: str
+    heartbeat: float
+    in_flight: int
+    info: dict[str, str]
+
+    def alive(self, now: float, ttl: float) -> bool:
+        """Beat within ``ttl`` seconds (``heartbeat_ttl`` of the pool's interval)."""
+        return now - self.heartbeat <= ttl
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    pending: int
+    in_flight: int
+    workers: tuple[WorkerState, ...]
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.in_flight
+
+
+def measure_depth(client: redis.Redis, queues: Iterable[str], with_info: bool = False) -> QueueDepth:
+    """Pending + in-flight for a set of queues in two round trips: O(queues + workers)."""
+    queues = list(queues)
+    pipe = client.pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(queue)
+        pipe.zrange(workers_key(queue), 0, -1, withscores=True)
+    replies = pipe.execute()
+    pending = sum(replies[0::2])
+    registered: list[tuple[str, str, float]] = []
+    for queue, members in zip(queues, replies[1::2], strict=True):
+        registered.extend((queue, text(name), float(score)) for name, score in members)
+    if not registered:
+        return QueueDepth(pending, 0, ())
+    pipe = client.pipeline(transaction=False)
+    for queue, name, _ in registered:
+        pipe.llen(processing_key(queue, name))
+        if with_info:
+            pipe.hgetall(worker_info_key(name))
+    replies = pipe.execute()
+    step = 2 if with_info else 1
+    workers = []
+    for i, (queue, name, beat) in enumerate(registered):
+        info = {text(k): text(v) for k, v in replies[i * step + 1].items()} if with_info else {}
+        workers.append(WorkerState(name, queue, beat, int(replies[i * step]), info))
+    return QueueDepth(pending, sum(w.in_flight for w in workers), tuple(workers))
+
+
+def reclaim_list(client: redis.Redis, processing: str, queue: str) -> dict[str, int]:
+    """Return every item of a dead worker's processing list to its queue, exactly once each."""
+    script = client.register_script(scripts.RECLAIM)
+    counts = {"requeued": 0, "dropped": 0, "raced": 0}
+    # LMOVE ... LEFT puts the newest item at the left end. Each reclaimed item is RPUSHed
+    # (taken next), so go newest first: the oldest ends up rightmost and is retried first.
+    for raw in client.lrange(processing, 0, -1):
+        result = int(script(keys=[processing, queue], args=[text(raw)]))
+        if result == RECLAIM_REQUEUED:
+            counts["requeued"] += 1
+        elif result == RECLAIM_DROPPED:
+            counts["dropped"] += 1
+        else:
+            counts["raced"] += 1
+    return counts
+
+
+def forget_worker(client: redis.Redis, queue: str, worker: str) -> None:
+    """Remove a dead worker from the registry once its processing list is empty."""
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(workers_key(queue), worker)
+    pipe.delete(worker_info_key(worker))
+    pipe.execute()

@@ -1,0 +1,124 @@
+"""Zip parent and child jobs on the wire: how the zip consumer fans an archive out.
+
+The parent hash carries ``children`` (comma-joined child keys), ``children:done``,
+``children:failed``, ``progress`` and at the end ``failures`` (urlencoded ``{child: reason}``);
+children are copies of the parent under ``{child_queue}:{member_path}:{uuid}``. Pure.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from kiosk_protocol.fields import CHILD_DROP_FIELDS, DONE, FAILED, NEW
+from kiosk_protocol.keys import ZIP_SUFFIX, job_key, utc_now_iso
+
+KEY_SEPARATOR = ","
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+def child_queue_of(queue: str) -> str:
+    """Children go to the sibling queue: ``segmentation-zip`` -> ``segmentation``."""
+    if queue.endswith(ZIP_SUFFIX) and len(queue) > len(ZIP_SUFFIX):
+        return queue[: -len(ZIP_SUFFIX)]
+    return queue
+
+
+def child_key(child_queue: str, member_path: str, job_id: str | None = None) -> str:
+    """``{child_queue}:{member_path}:{uuid}``, as the Kiosk names children."""
+    return job_key(child_queue, member_path, job_id)
+
+
+def split_keys(text: str | None) -> list[str]:
+    """Comma-joined key list -> keys, dropping blanks (order kept, duplicates removed)."""
+    seen: dict[str, None] = {}
+    for part in (text or "").split(KEY_SEPARATOR):
+        part = part.strip()
+        if part:
+            seen.setdefault(part, None)
+    return list(seen)
+
+
+def join_keys(keys: Iterable[str]) -> str:
+    return KEY_SEPARATOR.join(k for k in keys if k)
+
+
+def encode_failures(failures: Mapping[str, str]) -> str:
+    """``failures`` as the Kiosk writes it: ``urllib.parse.urlencode({child_key: reason})``."""
+    return urllib.parse.urlencode(dict(failures))
+
+
+def decode_failures(text: str | None) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(text or "", keep_blank_values=True))
+
+
+def progress_percent(finished: int, total: int) -> int:
+    """0-100; an empty archive is complete."""
+    if total <= 0:
+        return 100
+    return min(100, max(0, round(100 * finished / total)))
+
+
+def child_fields(parent: Mapping[str, str], input_file_name: str, member_path: str,
+                 worker: str, now: str | None = None) -> dict[str, str]:
+    """A child job hash: a copy of the parent with its own input file and status new."""
+    stamp = now or utc_now_iso()
+    fields = {k: v for k, v in parent.items() if k not in CHILD_DROP_FIELDS}
+    fields.update(
+        input_file_name=input_file_name,
+        original_name=member_path,
+        status=NEW,
+        identity_upload=worker,
+        created_at=stamp,
+        updated_at=stamp,
+    )
+    return fields
+
+
+@dataclass(frozen=True)
+class ChildTally:
+    """Where the children of one parent stand after a check."""
+
+    done: tuple[str, ...]
+    failed: tuple[str, ...]
+    remaining: tuple[str, ...]
+
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.failed) + len(self.remaining)
+
+    @property
+    def progress(self) -> int:
+        return progress_percent(len(self.done) + len(self.failed), self.total)
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining
+
+
+def tally_children(children: Iterable[str], done: Iterable[str], failed: Iterable[str],
+                   statuses: Mapping[str, str | None]) -> ChildTally:
+    """Fold freshly read child statuses into the parent's running lists.
+
+    ``statuses`` holds the current status of the children still open; a child
+    whose hash is gone (None) counts as failed, since its result is lost.
+    """
+    done_set, failed_set = set(done), set(failed)
+    new_done, new_failed, remaining = [], [], []
+    for key in children:
+        if key in done_set:
+            new_done.append(key)
+        elif key in failed_set:
+            new_failed.append(key)
+        else:
+            status = statuses.get(key, "")
+            if status == DONE:
+                new_done.append(key)
+            elif status == FAILED or status is None:
+                new_failed.append(key)
+            else:
+                remaining.append(key)
+    return ChildTally(tuple(new_done), tuple(new_failed), tuple(remaining))
