@@ -32,11 +32,12 @@ SCRIPTS = PYPROJECT["project"]["scripts"]
 IMAGES = {
     # dockerfile: (extra, entrypoint, other scripts shipped, packages imported wholesale, forbidden dists)
     "Dockerfile.worker": ("worker", "kiosk-worker", ["kiosk-model-server"],
-                          ["kiosk_worker", "kiosk_model_server"],
+                          ["kiosk_worker", "kiosk_model_server", "kiosk_protocol", "kiosk_storage"],
                           {"tensorflow", "tensorflow-cpu", "keras", "kopf"}),
-    "Dockerfile.operator": ("operator", "kiosk-operator", [], ["kiosk_operator"],
+    "Dockerfile.operator": ("operator", "kiosk-operator", [], ["kiosk_operator", "kiosk_protocol"],
                             {"tensorflow", "tensorflow-cpu", "numpy", "scipy", "scikit-image"}),
 }
+SOURCE_ROOTS = ("common", "worker", "operator", "cli")
 # Modules that are not part of the image's job (demo drivers need the whole project).
 SKIP_MODULES = re.compile(r"(^|\.)(demo|tests?)(\.|$)")
 
@@ -103,7 +104,7 @@ def test_dockerignore_keeps_context_small() -> None:
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "**", "deny everything first, then allow what the images need"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "worker", "operator"}
+    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "common", "worker", "operator", "cli"}
     for dockerfile in IMAGES:
         for word, args in instructions(ROOT / dockerfile):
             if word == "COPY" and not args.startswith("--from"):
@@ -193,7 +194,7 @@ def image_venvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
         (site,) = venv.glob("lib/python3.*/site-packages")
         link_distributions(extra_closure(extra), site)
-        (site / "kiosk_project.pth").write_text(f"{ROOT / 'worker'}\n{ROOT / 'operator'}\n")
+        (site / "kiosk_project.pth").write_text("".join(f"{ROOT / root}\n" for root in SOURCE_ROOTS))
         venvs[dockerfile] = venv
     return venvs
 
