@@ -42,6 +42,9 @@ UPDATED_BY = "updated_by"
 IDENTITY_STARTED = "identity_started"
 STATUS = "status"
 REASON = "reason"
+# Written with every final status unless the consumer set them (seconds as strings).
+FINISHED_AT = "finished_at"
+TOTAL_TIME = "total_time"
 
 # --- zip parents (the zip consumer's own fields on the parent hash) --------------------------
 
@@ -65,10 +68,10 @@ CHILD_DROP_FIELDS: frozenset[str] = frozenset(
         REASON,
         "output_url",
         "output_file_name",
-        "finished_at",
+        FINISHED_AT,
         "upload_time",
         "download_time",
-        "total_time",
+        TOTAL_TIME,
         UPDATED_BY,
     }
 )

@@ -1,7 +1,7 @@
 """Storage backends for job inputs and results: ``gs://``, ``s3://`` and ``file://``.
 
 ``get_storage(settings)`` picks the backend from ``settings.bucket_url`` (which
-already resolves the seed's CLOUD_PROVIDER + GCLOUD_STORAGE_BUCKET style). The
+already resolves the Kiosk's CLOUD_PROVIDER + GCLOUD_STORAGE_BUCKET style). The
 cloud libraries are imported only for the backend in use, so a worker on
 local storage does not pay their import time at every cold start.
 """

@@ -1,4 +1,4 @@
-"""Cold start: what a worker imports before it is ready (DESIGN §5: ready in <= 0.7 s).
+"""Cold start: what a worker imports before it is ready (README benchmark target: ready in <= 0.7 s).
 
 Heavy libraries are imported when a job first needs them, never at start: a Job-mode
 pod pays its start-up for every batch, and a worker that only ever sees empty frames

@@ -1,4 +1,4 @@
-"""Progress statuses are posted without waiting for Redis's reply (consumers/base.py _Posts):
+"""Progress statuses are posted without waiting for Redis's reply (kiosk_worker.jobwrites.StatusPosts):
 they must still land in order, before the final status, and survive a dropped connection."""
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ def test_a_dropped_connection_replays_pending_posts(redis_client: redis.Redis) -
     consumer = make(redis_client)
     key = protocol.submit_job(redis_client, "q", "x.tif")
     consumer.set_status(key, "predicting")
-    consumer._posts.drain()
-    host, port = consumer._posts._conn._sock.getsockname()[:2]
+    consumer.writer.posts.drain()
+    host, port = consumer.writer.posts._conn._sock.getsockname()[:2]
     assert redis_client.client_kill(f"{host}:{port}")
     consumer.set_status(key, "post-processing")  # sent into a closed connection, or refused
-    consumer._posts.drain()                       # either way: replayed through the client
+    consumer.writer.posts.drain()                # either way: replayed through the client
     assert redis_client.hget(key, "status") == "post-processing"
-    consumer.set_status(key, "saving-results")    # a fresh connection is used afterwards
-    consumer._posts.drain()
+    consumer.set_status(key, "saving-results")   # a fresh connection is used afterwards
+    consumer.writer.posts.drain()
     wait_for(lambda: redis_client.hget(key, "status") == "saving-results", 5, "status after reconnect")
 
 
@@ -58,8 +58,8 @@ def test_an_error_reply_is_raised_and_the_stream_stays_in_step(redis_client: red
     consumer.set_status("not-a-hash", "predicting")
     consumer.set_status(key, "predicting")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        consumer._posts.drain()
+        consumer.writer.posts.drain()
     assert redis_client.hget(key, "status") == "predicting"  # the write after the bad one landed
     consumer.set_status(key, "saving-results")
-    consumer._posts.drain()
+    consumer.writer.posts.drain()
     assert redis_client.hget(key, "status") == "saving-results"

@@ -190,7 +190,7 @@ def test_zip_fans_out_and_collects_every_result(client: redis.Redis, bucket: Pat
 
 
 def test_parent_status_order_is_new_waiting_done(client: redis.Redis, bucket: Path) -> None:
-    """DESIGN §2: a zip parent goes new -> waiting -> done, never 'started' on its visits;
+    """As in the Kiosk: a zip parent goes new -> waiting -> done, never 'started' on its visits;
     its children go through the single-image order."""
     images = {f"img_{i}.tif": make_cells((32, 32), n_cells=2, seed=i)[0] for i in range(2)}
     with StatusRecorder(client) as recorder:

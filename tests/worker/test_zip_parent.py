@@ -13,7 +13,7 @@ import kiosk_protocol as protocol
 from kiosk_protocol import zipjobs
 from kiosk_protocol.settings import load_settings
 from kiosk_storage import open_storage
-from kiosk_worker.consumers.zipfile import LOST_REASON, ZipConsumer
+from kiosk_worker.consumers.zip_parent import LOST_REASON, ZipConsumer
 
 EXPIRE_TIME = 600
 

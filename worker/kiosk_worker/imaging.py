@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from kiosk_protocol.errors import describe
 from kiosk_worker.errors import BadImage, ImageTooLarge, InputMissing, ModelMismatch, UnsupportedFormat
 
 __all__ = [
@@ -35,6 +36,8 @@ FORMATS = ("tiff", "png", "jpeg", "npy")
 _EXTENSIONS = {".tif": "tiff", ".tiff": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg",
                ".npy": "npy"}
 _BATCH_AXES = "BTZSN"
+#: Longest decoder message quoted in a BadImage reason.
+ERROR_LIMIT = 120
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def read_header(path: str) -> ImageInfo:
     except BadImage:
         raise
     except Exception as err:
-        raise BadImage(f"cannot read {fmt.upper()} header of '{name}': {_short(err)}") from None
+        raise BadImage(f"cannot read {fmt.upper()} header of '{name}': {describe(err, ERROR_LIMIT)}") from None
 
 
 _PNG_BANDS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -194,19 +197,19 @@ def _load_tiff(path: str, max_height: int, max_width: int, dimension_order: str)
     try:
         tif = tifffile.TiffFile(path)
     except Exception as err:
-        raise BadImage(f"cannot read TIFF header of '{name}': {_short(err)}") from None
+        raise BadImage(f"cannot read TIFF header of '{name}': {describe(err, ERROR_LIMIT)}") from None
     with tif:
         try:
             info = _tiff_info(tif, name)
         except BadImage:
             raise
         except Exception as err:
-            raise BadImage(f"cannot read TIFF header of '{name}': {_short(err)}") from None
+            raise BadImage(f"cannot read TIFF header of '{name}': {describe(err, ERROR_LIMIT)}") from None
         check_size(info, max_height, max_width, dimension_order)
         try:
             return tif.asarray()
         except Exception as err:
-            raise BadImage(f"cannot decode TIFF image '{name}': {_short(err)}") from None
+            raise BadImage(f"cannot decode TIFF image '{name}': {describe(err, ERROR_LIMIT)}") from None
 
 
 def _load_other(path: str, info: ImageInfo, max_height: int, max_width: int,
@@ -223,7 +226,7 @@ def _load_other(path: str, info: ImageInfo, max_height: int, max_width: int,
                 img.load()
                 array = np.asarray(img)
     except Exception as err:
-        raise BadImage(f"cannot decode {info.format.upper()} image '{name}': {_short(err)}") from None
+        raise BadImage(f"cannot decode {info.format.upper()} image '{name}': {describe(err, ERROR_LIMIT)}") from None
     return array
 
 
@@ -298,8 +301,3 @@ def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -
             f"image has {image.shape[-1]} channel(s) but the model expects {model_channels};"
             " set 'channels' to choose them")
     return image
-
-
-def _short(err: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

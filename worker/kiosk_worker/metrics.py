@@ -10,7 +10,7 @@ Served (all per worker process):
   ``failed``, ``requeued`` (put back to wait, e.g. a zip parent), ``skipped``
   (hash gone or already finished), ``given_back`` (grace period over at
   shutdown), ``crashed`` (consumer raised past its own error handling, e.g.
-  Redis unreachable).
+  Redis unreachable): the values of ``kiosk_worker.work.OutcomeKind``.
 * ``kiosk_worker_job_duration_seconds{consumer}`` time per finished job.
 * ``kiosk_worker_queue_wait_seconds{queue}`` submission (the job's ``created_at``)
   to first pickup, i.e. how long users wait before work starts.

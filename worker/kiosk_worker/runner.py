@@ -3,9 +3,9 @@
 * Pop is an atomic blocking move (BLMOVE) of the oldest job into
   ``processing-{queue}:{worker}``; no polling sleeps. Several queues
   (QUEUE=a,b): a non-blocking sweep over all, then a short block on each in turn.
-* A heartbeat thread keeps ``kiosk:workers:{queue}`` / ``kiosk:worker:{name}``
-  fresh with ``current`` (job key or ''), ``jobs_done`` and
-  ``service_time_ewma`` (seconds per item), which the operator uses for
+* A heartbeat thread (``heartbeat``) keeps ``kiosk:workers:{queue}`` /
+  ``kiosk:worker:{name}`` fresh with ``current`` (job key or ''), ``jobs_done``
+  and ``service_time_ewma`` (seconds per item), which the operator uses for
   depth, busy-worker protection and drain-time scaling.
 * Jobs run in a helper thread so the main thread can honour SIGTERM: take no
   new job, let the current one finish within GRACE_PERIOD, otherwise cancel
@@ -23,32 +23,32 @@ import queue as queue_mod
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 import kiosk_protocol as protocol
+from kiosk_protocol import errors
 from kiosk_protocol.backoff import jittered_delay
+from kiosk_protocol.fields import STATUS
 from kiosk_protocol.settings import Settings
 from kiosk_worker.consumers.base import Consumer
-from kiosk_worker.errors import Cancelled
+from kiosk_worker.heartbeat import Heartbeat, WorkerStats
 from kiosk_worker.metrics import Metrics, start_metrics
+from kiosk_worker.work import Outcome, OutcomeKind, WorkItem
 
+# WorkerStats lives in kiosk_worker.heartbeat; re-exported for existing importers.
 __all__ = ["MULTI_QUEUE_BLOCK", "Runner", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds to block on each queue in turn when serving several queues.
 MULTI_QUEUE_BLOCK = 0.1
-#: Weight of the newest sample in the service-time moving average.
-EWMA_ALPHA = 0.3
 #: A job we put back (e.g. a zip parent waiting for children) is not re-run sooner than this.
 RECHECK_DELAY = 1.0
 #: Reconnect backoff while Redis is unreachable (seconds): first ceiling and cap.
-#: A job's start or end is reported at once unless a heartbeat went out this recently
-#: (seconds); a worker taking hundreds of jobs a second would otherwise beat per job.
-KICK_MIN_INTERVAL = 0.25
 REDIS_RETRY_BASE = 0.05
 REDIS_RETRY_CAP = 5.0
 
@@ -58,29 +58,12 @@ class _Interrupted(BaseException):
 
 
 @dataclass
-class WorkerStats:
-    """What the heartbeat reports; mutated by the main thread only."""
+class _Handoff:
+    """A job on its way to the job thread, and its outcome on the way back."""
 
-    current: str = ""
-    jobs_done: int = 0
-    jobs_failed: int = 0
-    items_taken: int = 0
-    service_time_ewma: float | None = None
-    samples: int = 0
-    started: float = field(default_factory=time.time)
-
-    def record(self, seconds: float) -> None:
-        self.samples += 1
-        if self.service_time_ewma is None:
-            self.service_time_ewma = seconds
-        else:
-            self.service_time_ewma = EWMA_ALPHA * seconds + (1 - EWMA_ALPHA) * self.service_time_ewma
-
-    def info(self) -> dict[str, Any]:
-        ewma = "" if self.service_time_ewma is None else f"{self.service_time_ewma:.6f}"
-        return {"current": self.current, "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed,
-                "service_time_ewma": ewma, "service_time_samples": self.samples,
-                "started_at": f"{self.started:.3f}"}
+    item: WorkItem
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
 
 
 class Runner:
@@ -116,13 +99,11 @@ class Runner:
         self._stop = threading.Event()
         self._stop_time: float | None = None
         self._wake = threading.Event()
-        self._kick = threading.Event()
-        self._last_beat = 0.0
         self._popping = False
         self._requeued_at: dict[str, float] = {}
-        self._hb_thread: threading.Thread | None = None
-        self._hb_stop = threading.Event()
-        self._jobs: queue_mod.SimpleQueue[Any] | None = None
+        self.heartbeat = Heartbeat(self.store, self.stats, interval=settings.heartbeat_interval,
+                                   consumer_type=settings.consumer_type, draining=self._stop.is_set)
+        self._jobs: queue_mod.SimpleQueue[_Handoff | None] | None = None
         self.metrics = metrics
 
     # -- lifecycle -----------------------------------------------------------
@@ -153,7 +134,7 @@ class Runner:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
-        def handler(signum: int, _frame: Any) -> None:
+        def handler(signum: int, _frame: object) -> None:
             log.info("received %s: finishing the current job, taking no new one",
                      signal.Signals(signum).name)
             self.request_stop()
@@ -169,10 +150,10 @@ class Runner:
             self.consumer = self.build_consumer()
         self.consumer.metrics = self.start_metrics()
         self.queues = type(self.consumer).source_queues(self.settings.queues)
+        self.heartbeat.queues = self.queues
         self._wait_for_redis(self._give_back_held, "recover held items")
-        self._wait_for_redis(self._beat, "register")
-        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        self._hb_thread.start()
+        self._wait_for_redis(self.heartbeat.beat, "register")
+        self.heartbeat.start()
         log.info("worker %s ready: queues %s, consumer %s%s", self.name, ",".join(self.queues),
                  self.settings.consumer_type, f", batch of {self.max_jobs}" if self.max_jobs else "")
         try:
@@ -199,10 +180,9 @@ class Runner:
                     log.info("queue empty: batch worker exits after %d items", self.stats.items_taken)
                     return
                 continue
-            queue, key = got
-            if not self._recheck_delay(key):
+            if not self._recheck_delay(got.key):
                 return
-            self._run_job(queue, key)
+            self._run_job(got)
             self._return_strays()
 
     def _return_strays(self, idle: bool = False) -> None:
@@ -222,10 +202,7 @@ class Runner:
     def _shutdown(self) -> None:
         if self._jobs is not None and not self.abandoned:
             self._jobs.put(None)
-        self._hb_stop.set()
-        self._kick.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join(timeout=5)
+        self.heartbeat.stop()
         try:
             self._give_back_held()
             self.store.unregister(self.queues)
@@ -246,19 +223,19 @@ class Runner:
         finally:
             self._popping = False
 
-    def _next_job(self) -> tuple[str, str] | None:
+    def _next_job(self) -> WorkItem | None:
         """Blocking pop; None after EMPTY_QUEUE_TIMEOUT without work."""
         timeout = self.settings.empty_queue_timeout
         if len(self.queues) == 1:
             key = self._pop(self.queues[0], timeout)
-            return (self.queues[0], key) if key else None
+            return WorkItem(self.queues[0], key) if key else None
         deadline = time.monotonic() + timeout
         turn = 0
         while not self._stop.is_set():
             for queue in self.queues:  # preferred queue first
                 key = self._pop(queue, 0)
                 if key:
-                    return queue, key
+                    return WorkItem(queue, key)
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -266,7 +243,7 @@ class Runner:
             turn += 1
             key = self._pop(queue, min(MULTI_QUEUE_BLOCK, left))
             if key:
-                return queue, key
+                return WorkItem(queue, key)
         return None
 
     def _recheck_delay(self, key: str) -> bool:
@@ -280,92 +257,82 @@ class Runner:
         return True
 
     # -- one job ---------------------------------------------------------------
-    def _run_job(self, queue: str, key: str) -> None:
+    def _run_job(self, item: WorkItem) -> None:
         consumer = self.consumer
         assert consumer is not None
         self.stats.items_taken += 1
-        self.stats.current = key
-        self._report()
+        self.stats.current = item.key
+        self.heartbeat.report()
         metrics = self.metrics or Metrics()
         kind = self.settings.consumer
         metrics.job_started()
-        done = threading.Event()
-        outcome: dict[str, Any] = {}
-        start = time.perf_counter()
-        self._job_thread().put((consumer, queue, key, outcome, done))
-        while not done.is_set():
+        handoff = _Handoff(item)
+        self._job_thread().put(handoff)
+        while not handoff.done.is_set():
             if self._stop.is_set():
                 assert self._stop_time is not None
                 left = self._stop_time + self.settings.grace_period - time.monotonic()
-                if not done.wait(max(0.0, left)):
-                    self._give_back(consumer, queue, key)
-                    metrics.job_ended(kind, queue, "given_back")
+                if not handoff.done.wait(max(0.0, left)):
+                    self._give_back(consumer, item)
+                    metrics.job_ended(kind, item.queue, OutcomeKind.CANCELLED.value)
                     return
                 break
             self._wake.wait()
             self._wake.clear()
-        elapsed = time.perf_counter() - start
         self.stats.current = ""
-        status = outcome.get("status")
-        err = outcome.get("error")
-        outcome = _outcome(consumer, status, err)
-        metrics.job_ended(kind, queue, outcome, elapsed if outcome in ("done", "failed") else None)
-        if err is not None:
+        outcome = handoff.outcome
+        assert outcome is not None
+        metrics.job_ended(kind, item.queue, outcome.kind.value, outcome.seconds if outcome.finished else None)
+        if outcome.kind is OutcomeKind.CRASHED:
+            err = outcome.error
             if isinstance(err, (redis.ConnectionError, redis.TimeoutError)):
                 self._redis_trouble(err)
             else:
-                log.error("job %s crashed the consumer: %r", key, err, exc_info=err)
-        elif status in protocol.FINISHED_STATUSES or status == consumer.final_status:
-            self.stats.record(elapsed)
-            if status == consumer.failed_status:
+                log.error("job %s crashed the consumer: %r", item.key, err, exc_info=err)
+        elif outcome.finished:
+            self.stats.record(outcome.seconds)
+            if outcome.kind is OutcomeKind.FAILED:
                 self.stats.jobs_failed += 1
             else:
                 self.stats.jobs_done += 1
-        elif status is not None:
-            self._requeued_at[key] = time.monotonic()
-        self._report()
+        elif outcome.kind is OutcomeKind.REQUEUED:
+            self._requeued_at[item.key] = time.monotonic()
+        self.heartbeat.report()
 
-    def _job_thread(self) -> queue_mod.SimpleQueue[Any]:
+    def _job_thread(self) -> queue_mod.SimpleQueue[_Handoff | None]:
         """One long-lived thread runs the jobs (a thread per job costs ~0.1-1 ms)."""
         if self._jobs is None:
             self._jobs = queue_mod.SimpleQueue()
             threading.Thread(target=self._job_loop, args=(self._jobs,), name="job", daemon=True).start()
         return self._jobs
 
-    def _job_loop(self, jobs: queue_mod.SimpleQueue[Any]) -> None:
+    def _job_loop(self, jobs: queue_mod.SimpleQueue[_Handoff | None]) -> None:
+        consumer = self.consumer
+        assert consumer is not None
         while True:
-            item = jobs.get()
-            if item is None:
+            handoff = jobs.get()
+            if handoff is None:
                 return
-            consumer, queue, key, outcome, done = item
             try:
-                outcome["status"] = consumer.consume(key, queue)
-            except Cancelled:
-                outcome["cancelled"] = True
-            except BaseException as err:  # noqa: BLE001 - reported by the main thread
-                outcome["error"] = err
+                handoff.outcome = consumer.handle(handoff.item)
+            except BaseException as err:  # noqa: BLE001 - handle() reports its own; a last resort
+                handoff.outcome = Outcome(OutcomeKind.CRASHED, error=err)
             finally:
-                done.set()
+                handoff.done.set()
                 self._wake.set()
 
-    def _give_back(self, consumer: Consumer, queue: str, key: str) -> None:
+    def _give_back(self, consumer: Consumer, item: WorkItem) -> None:
         """Grace period over: stop the job's writes and return the item to the front."""
-        consumer.cancel()
         self.abandoned = True
         self.stats.current = ""
         try:
-            returned = self.store.requeue(queue, key, front=True)
+            returned = consumer.give_back(item)
         except redis.RedisError as err:
             log.error("could not give %s back (%s); it stays in %s for the operator to reclaim",
-                      key, err, protocol.processing_key(queue, self.name))
+                      item.key, err, protocol.processing_key(item.queue, self.name))
             return
-        log.warning("grace period of %.1fs over: %s %s", self.settings.grace_period, key,
+        log.warning("grace period of %.1fs over: %s %s", self.settings.grace_period, item.key,
                     "returned to the front of its queue" if returned else "was no longer held")
-        if returned and consumer.announce_start:  # a waiting zip parent stays 'waiting'
-            try:
-                self.store.update(key, {"status": protocol.NEW})
-            except redis.RedisError:
-                pass
 
     def _give_back_held(self) -> None:
         """Return whatever our processing lists hold to the front of their queues."""
@@ -374,7 +341,7 @@ class Runner:
             for key in self.store.held(queue):
                 if key == self.stats.current and not self.abandoned:
                     continue
-                status = self.client.hget(key, "status")
+                status = self.client.hget(key, STATUS)
                 if status in protocol.FINISHED_STATUSES:
                     self.store.release(queue, key)
                 elif self.store.requeue(queue, key, front=True):
@@ -382,10 +349,10 @@ class Runner:
 
     # -- Redis trouble -----------------------------------------------------------
     def _redis_trouble(self, err: BaseException) -> None:
-        log.warning("Redis unreachable (%s); retrying", " ".join(str(err).split()))
+        log.warning("Redis unreachable (%s); retrying", errors.one_line(err))
         self._wait_for_redis(self._give_back_held, "recover")
 
-    def _wait_for_redis(self, action: Any, what: str) -> None:
+    def _wait_for_redis(self, action: Callable[[], object], what: str) -> None:
         """Run ``action`` until Redis answers, with capped jittered backoff; stops on request."""
         attempt = 0
         while True:
@@ -395,46 +362,7 @@ class Runner:
             except (redis.ConnectionError, redis.TimeoutError) as err:
                 delay = jittered_delay(attempt, REDIS_RETRY_BASE, REDIS_RETRY_CAP)
                 log.warning("Redis unreachable during %s (%s); retrying in %.2fs", what,
-                            " ".join(str(err).split()), delay)
+                            errors.one_line(err), delay)
             if self._stop.wait(delay):
                 return
             attempt += 1
-
-    # -- heartbeat ---------------------------------------------------------------
-    def _report(self) -> None:
-        """Ask for an early heartbeat (state changed), at most every KICK_MIN_INTERVAL."""
-        if time.monotonic() - self._last_beat >= min(KICK_MIN_INTERVAL, self.settings.heartbeat_interval):
-            self._kick.set()
-
-    def _beat(self) -> None:
-        self._last_beat = time.monotonic()
-        info = self.stats.info()
-        info["consumer_type"] = self.settings.consumer_type
-        info["state"] = "draining" if self._stop.is_set() else ("busy" if self.stats.current else "idle")
-        self.store.heartbeat(self.queues, self.settings.heartbeat_interval, info)
-
-    def _heartbeat_loop(self) -> None:
-        failures = 0
-        while not self._hb_stop.is_set():
-            self._kick.wait(self.settings.heartbeat_interval)
-            self._kick.clear()
-            if self._hb_stop.is_set():
-                return
-            try:
-                self._beat()
-                failures = 0
-            except redis.RedisError as err:
-                failures += 1
-                if failures == 1 or failures % 30 == 0:
-                    log.warning("heartbeat failed (%s)", " ".join(str(err).split()))
-
-
-def _outcome(consumer: Consumer, status: str | None, err: BaseException | None) -> str:
-    """The ``outcome`` label of a job that left the consumer."""
-    if err is not None:
-        return "crashed"
-    if status is None:
-        return "skipped"  # hash gone or already finished: only dropped from processing
-    if status in protocol.FINISHED_STATUSES or status == consumer.final_status:
-        return "failed" if status == consumer.failed_status else "done"
-    return "requeued"

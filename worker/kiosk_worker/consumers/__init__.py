@@ -39,7 +39,7 @@ ENTRY_POINT_GROUP = "kiosk_worker.consumers"
 #: consumer type -> "module:Class" (imported on demand).
 BUILTIN: dict[str, str] = {
     "segmentation": "kiosk_worker.consumers.segmentation:SegmentationConsumer",
-    "zip": "kiosk_worker.consumers.zipfile:ZipConsumer",
+    "zip": "kiosk_worker.consumers.zip_parent:ZipConsumer",
     "tracking": "kiosk_worker.consumers.tracking:TrackingConsumer",
 }
 

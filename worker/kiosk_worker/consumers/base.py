@@ -28,17 +28,21 @@ Register it under the entry-point group ``kiosk_worker.consumers`` (see
   leaves the processing list in one transaction.
 * Raising anything ends the job ``failed`` with a one-line ``reason``
   (``errors.reason_for``; raise ``errors.JobError`` for your own messages);
-  the traceback goes to the log only. Redis connection errors propagate so the
-  runner can reconnect and give the item back.
+  the traceback goes to the log only. Redis connection errors propagate (``handle``
+  reports them as CRASHED) so the runner can reconnect and give the item back.
 * Returning any other status (e.g. ``waiting``) keeps the job alive: the status
   is written and the item goes to the back of its queue to be consumed again
   later (how the zip consumer waits for its children without blocking).
+* ``handle(WorkItem)`` is ``consume`` for the runner: it returns a typed
+  ``work.Outcome`` (done, failed, requeued, skipped, cancelled, crashed) decided
+  where the last status is written, and never raises.
 
 ``update_key`` stamps ``updated_at``/``updated_by`` and refuses to write once the
 runner has cancelled the job (grace period over, item given back).
 ``set_status`` does the same for progress statuses without waiting for Redis's
-reply (``_Posts``): the replies are read before the consumer's next write, so
-statuses still land in order and before the final one.
+reply: the replies are read before the consumer's next write, so statuses still
+land in order and before the final one. Every such write goes through
+``self.writer`` (``kiosk_worker.jobwrites.JobWriter``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -58,24 +61,14 @@ import numpy as np
 import redis
 
 import kiosk_protocol as protocol
+from kiosk_protocol import keys
 from kiosk_protocol.settings import Settings
 from kiosk_worker.errors import Cancelled, JobError, ModelMismatch, reason_for
+from kiosk_worker.jobwrites import JobWriter
 from kiosk_worker.metrics import Metrics, queue_wait
+from kiosk_worker.work import Outcome, OutcomeKind, WorkItem
 
 __all__ = ["Consumer", "TensorFlowServingConsumer"]
-
-# Skip vanished or finished jobs, else mark started (unless ARGV[6] is '0') and return
-# the hash and the status it had: one round trip.
-_START_SCRIPT = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {0} end
-if status == ARGV[3] or status == ARGV[4] then return {1, status} end
-if ARGV[6] == '1' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[2], 'identity_started', ARGV[1],
-             'updated_at', ARGV[5], 'updated_by', ARGV[1])
-end
-return {2, redis.call('HGETALL', KEYS[1]), status}
-"""
 
 
 class Consumer:
@@ -115,8 +108,8 @@ class Consumer:
         self.failed_status = failed_status
         self.logger = logging.getLogger(f"kiosk_worker.consumers.{type(self).__name__}")
         self._tf_client = tf_client
-        self._start = redis_client.register_script(_START_SCRIPT)
-        self._posts = _Posts(redis_client)
+        #: Every status this consumer writes to the job it holds goes through here.
+        self.writer = JobWriter(self.store, redis_client)
         # Per-job state, reset by consume().
         self.job: dict[str, str] = {}
         self.finish_fields: dict[str, Any] = {}
@@ -124,7 +117,6 @@ class Consumer:
         self._workdir = ""
         self.current_key = ""
         self._prior_status: str | None = None
-        self._cancelled = threading.Event()
         #: Where the runner's metrics go (it sets this; records nothing by default).
         self.metrics: Metrics = Metrics()
 
@@ -141,17 +133,12 @@ class Consumer:
     # -- helpers for subclasses --------------------------------------------
     def update_key(self, redis_hash: str, data: Mapping[str, Any]) -> None:
         """HSET fields (stamped with updated_at/updated_by) unless the job was given back."""
-        if self._cancelled.is_set():
-            raise Cancelled(redis_hash)
-        self._posts.drain()
-        self.store.update(redis_hash, data)
+        self.writer.update(redis_hash, data)
 
     def set_status(self, redis_hash: str, status: str, **fields: Any) -> None:
         """Write a progress status without waiting for Redis's reply (read before our next
         write), so a step's status costs no round trip; otherwise as ``update_key``."""
-        if self._cancelled.is_set():
-            raise Cancelled(redis_hash)
-        self._posts.post(redis_hash, self.store.stamp({"status": status, **fields}))
+        self.writer.post(redis_hash, status, **fields)
 
     @contextlib.contextmanager
     def timed(self, field: str) -> Iterator[None]:
@@ -169,36 +156,57 @@ class Consumer:
 
     def cancel(self) -> None:
         """Called by the runner from another thread: stop writing for the current job."""
-        self._cancelled.set()
+        self.writer.cancel()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self.writer.cancelled
+
+    def give_back(self, item: WorkItem) -> bool:
+        """The runner's grace period is over: cancel the job's writes and return it to the
+        front of its queue (a zip parent stays ``waiting``). False if it was no longer held."""
+        return self.writer.give_back(item, reset=self.announce_start)
 
     # -- the driver ----------------------------------------------------------
     def consume(self, redis_hash: str, queue: str | None = None) -> str | None:
         """Process one job key held in our processing list of ``queue``.
 
         Returns the status written, or None when the key was skipped (hash gone
-        or already finished: the item is just dropped from processing).
+        or already finished: the item is just dropped from processing). Cancelled
+        and Redis connection errors propagate.
         """
-        queue = queue or protocol.queue_of_key(redis_hash)
-        self._posts.drain()
-        self._cancelled.clear()
+        return self._visit(WorkItem(queue or protocol.queue_of_key(redis_hash), redis_hash)).status
+
+    def handle(self, item: WorkItem) -> Outcome:
+        """``consume`` for the runner: what became of the job, also when it did not end
+        (CANCELLED, CRASHED with the error); never raises."""
+        start = time.perf_counter()
+        try:
+            return self._visit(item)
+        except Cancelled:
+            return Outcome(OutcomeKind.CANCELLED, seconds=time.perf_counter() - start)
+        except BaseException as err:  # noqa: BLE001 - the runner reports it (or reconnects)
+            return Outcome(OutcomeKind.CRASHED, error=err, seconds=time.perf_counter() - start)
+
+    def _visit(self, item: WorkItem) -> Outcome:
+        redis_hash = item.key
+        self.writer.begin()
         self.finish_fields = {}
         self.current_key = redis_hash
         start = time.perf_counter()
         picked_at = time.time()
         try:
-            job = self._start_job(redis_hash)
+            job, prior = self.writer.start(redis_hash, self.announce_start)
             if job is None:
-                self.store.release(queue, redis_hash)
-                return None
+                self.logger.warning("skipping %s: %s", redis_hash, prior)
+                self.writer.skip(item)
+                return Outcome(OutcomeKind.SKIPPED, seconds=time.perf_counter() - start)
             self.job = job
-            if self._prior_status == protocol.NEW:  # first pickup, not a revisit or a retry
+            self._prior_status = prior
+            if prior == protocol.NEW:  # first pickup, not a revisit or a retry
                 waited = queue_wait(job.get("created_at"), picked_at)
                 if waited is not None:
-                    self.metrics.queue_waited(queue, waited)
+                    self.metrics.queue_waited(item.queue, waited)
             self.tempdir = self._job_dir()
             try:
                 status = self._consume(redis_hash)
@@ -211,110 +219,26 @@ class Consumer:
             level = logging.WARNING if isinstance(err, JobError) else logging.ERROR
             self.logger.log(level, "job %s failed: %s", redis_hash, reason,
                             exc_info=not isinstance(err, JobError))
-            self._finish(queue, redis_hash, {
-                "status": self.failed_status, "reason": reason,
-                "finished_at": protocol.utc_now_iso(),
-                "total_time": f"{time.perf_counter() - start:.6f}"})
-            return self.failed_status
+            seconds = time.perf_counter() - start
+            self.writer.fail(item, self.failed_status, reason, seconds)
+            return Outcome(OutcomeKind.FAILED, self.failed_status, err, seconds)
         finally:
             self.current_key = ""
+        seconds = time.perf_counter() - start
         if status in (self.final_status, self.failed_status):
-            fields = {k: _fmt(v) for k, v in self.finish_fields.items()}
-            fields["status"] = status
-            fields.setdefault("finished_at", protocol.utc_now_iso())
-            fields.setdefault("total_time", f"{time.perf_counter() - start:.6f}")
-            self._finish(queue, redis_hash, fields)
+            self.writer.finish(item, status, self.finish_fields, seconds)
+            kind = OutcomeKind.FAILED if status == self.failed_status else OutcomeKind.DONE
         else:
-            self.update_key(redis_hash, {"status": status})  # drains pending posts first
-            self.store.requeue(queue, redis_hash, front=False)
-        self.logger.info("job %s: %s in %.3fs", redis_hash, status, time.perf_counter() - start)
-        return status
+            self.writer.put_back(item, status)  # drains pending posts first
+            kind = OutcomeKind.REQUEUED
+        self.logger.info("job %s: %s in %.3fs", redis_hash, status, seconds)
+        return Outcome(kind, status, seconds=seconds)
 
     def _job_dir(self) -> str:
         """One scratch dir per consumer, emptied after every job (saves mkdir/rmdir per job)."""
         if not self._workdir or not os.path.isdir(self._workdir):
             self._workdir = tempfile.mkdtemp(prefix=f"kiosk-{type(self).__name__.lower()}-")
         return self._workdir
-
-    def _start_job(self, redis_hash: str) -> dict[str, str] | None:
-        """Mark the job started (+identity_started, if ``announce_start``) and return its
-        fields; None to skip it."""
-        if self._cancelled.is_set():
-            raise Cancelled(redis_hash)
-        reply = self._start(keys=[redis_hash], args=[
-            self.name, protocol.STARTED, protocol.DONE, protocol.FAILED, protocol.utc_now_iso(),
-            "1" if self.announce_start else "0"])
-        if int(reply[0]) == 2:
-            self._prior_status = protocol.text(reply[2])
-            flat = [protocol.text(v) for v in reply[1]]
-            return dict(zip(flat[0::2], flat[1::2], strict=True))
-        why = "no such job hash" if int(reply[0]) == 0 else f"already {protocol.text(reply[1])}"
-        self.logger.warning("skipping %s: %s", redis_hash, why)
-        return None
-
-    def _finish(self, queue: str, key: str, fields: Mapping[str, Any]) -> None:
-        if self._cancelled.is_set():
-            raise Cancelled(key)
-        self._posts.drain()  # every progress status lands before the final one
-        self.store.finish(queue, key, fields)
-
-
-class _Posts:
-    """HSETs sent on one dedicated connection whose replies are read later, in order.
-
-    A progress status is a notification: nothing waits for its reply, so ``post`` only
-    sends it and ``drain`` reads the replies before the consumer's next write to Redis
-    (which is then ordered after them). On a connection error, or READONLY from a
-    demoted master, the pending writes are replayed through the normal client, which
-    reconnects and retries; they are idempotent HSETs.
-    Used by the job thread only.
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self._conn: Any = None
-        self._pending: list[tuple[str, dict[str, str]]] = []
-
-    def post(self, key: str, data: dict[str, str]) -> None:
-        args: list[str] = ["HSET", key]
-        for item in data.items():
-            args.extend(item)
-        try:
-            if self._conn is None:
-                self._conn = self.client.connection_pool.get_connection()
-            self._conn.send_command(*args, check_health=not self._pending)
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            self._replay([*self._pending, (key, data)])
-            return
-        self._pending.append((key, data))
-
-    def drain(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        error: redis.ResponseError | None = None
-        try:
-            for _ in pending:
-                try:
-                    self._conn.read_response()
-                except redis.ResponseError as err:  # keep reading: the stream stays in step
-                    error = error or err
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            self._replay(pending)
-            return
-        if isinstance(error, redis.ReadOnlyError):  # a demoted master (Sentinel failover)
-            self._replay(pending)
-        elif error is not None:
-            raise error
-
-    def _replay(self, writes: list[tuple[str, dict[str, str]]]) -> None:
-        self._pending = []
-        if self._conn is not None:
-            self._conn.disconnect()
-            self.client.connection_pool.release(self._conn)
-            self._conn = None
-        for key, data in writes:
-            self.client.hset(key, mapping=data)
 
 
 def _empty_dir(path: str) -> None:
@@ -331,13 +255,6 @@ def _empty_dir(path: str) -> None:
                 os.unlink(entry.path)
             except FileNotFoundError:
                 pass
-
-
-def _fmt(value: Any) -> str:
-    """Timing fields are seconds as strings, as the Kiosk writes them."""
-    if isinstance(value, float):
-        return f"{value:.6f}"
-    return "" if value is None else str(value)
 
 
 class TensorFlowServingConsumer(Consumer):
@@ -380,14 +297,15 @@ class TensorFlowServingConsumer(Consumer):
     def get_model_metadata(self, model_name: str, model_version: Any) -> dict[str, dict[str, Any]]:
         """Serving-default inputs ``{alias: {name, dtype, shape}}``, cached in Redis.
 
-        Cache: hash ``{model_name}:{model_version}``, field ``metadata`` (the
-        Kiosk's JSON form), expiring after METADATA_EXPIRE_TIME seconds.
+        Cache: hash ``protocol.metadata_key(model_name, model_version)``, field
+        ``keys.METADATA_FIELD`` (the Kiosk's JSON form), expiring after
+        METADATA_EXPIRE_TIME seconds.
         """
         from kiosk_worker.tfs.client import from_kiosk_cache, to_kiosk_cache
 
         if not model_name:
             raise JobError("the job names no model (model_name is empty)")
-        cache_key = f"{model_name}:{model_version}"
+        cache_key = protocol.metadata_key(model_name, model_version)
         ttl = self.settings.metadata_expire_time
         if ttl <= 0:
             meta = self.tf_client.get_model_metadata(model_name, self.parse_model_version(model_version))
@@ -397,7 +315,7 @@ class TensorFlowServingConsumer(Consumer):
         if memo is not None and memo[0] > time.monotonic():
             return {k: dict(v) for k, v in memo[1].items()}
         inputs = None
-        cached = self.redis.hget(cache_key, "metadata")
+        cached = self.redis.hget(cache_key, keys.METADATA_FIELD)
         if cached:
             try:
                 inputs = from_kiosk_cache(json.loads(cached))
@@ -407,7 +325,7 @@ class TensorFlowServingConsumer(Consumer):
             meta = self.tf_client.get_model_metadata(model_name, self.parse_model_version(model_version))
             inputs = {k: dict(v) for k, v in meta["inputs"].items()}
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(cache_key, "metadata", json.dumps(to_kiosk_cache(meta)))
+            pipe.hset(cache_key, keys.METADATA_FIELD, json.dumps(to_kiosk_cache(meta)))
             pipe.expire(cache_key, ttl)
             pipe.execute()
         self._metadata_memo[cache_key] = (time.monotonic() + ttl, inputs)

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from kiosk_protocol import errors
 from kiosk_protocol.backoff import jittered_delay
 from kiosk_worker.tfs.messages import (
     decode_predict_response,
@@ -78,9 +79,14 @@ class ModelServerUnavailable(TFServingError):
     """Retryable failures persisted past ``max_retries``."""
 
 
-def _first_line(text: str | None, limit: int = 200) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+#: Longest piece of a server's error message quoted in ours.
+DETAIL_LIMIT = 200
+
+
+def _detail(details: str | None) -> str:
+    """A gRPC status message's first line (later ones may hold the server's traceback)."""
+    lines = (details or "").strip().splitlines()
+    return errors.one_line(lines[0] if lines else "", DETAIL_LIMIT)
 
 
 def _version(value: int | str | None) -> int | None:
@@ -208,7 +214,7 @@ class TFServingClient:
                     wait = self.delay(retry)
                     retry += 1
                     log.warning("%s %s failed with %s (%s); retry %d/%d in %.2fs",
-                                what, self.target, code.name, _first_line(details),
+                                what, self.target, code.name, _detail(details),
                                 retry, self.max_retries, wait)
                     if self.on_retry is not None:
                         self.on_retry(what, code.name)
@@ -219,7 +225,7 @@ class TFServingClient:
 
     def _error(self, code: grpc.StatusCode, details: str | None, name: str,
                version: int | None, retries: int, too_large: bool) -> TFServingError:
-        detail = _first_line(details)
+        detail = _detail(details)
         if too_large:
             return MessageTooLarge(
                 f"message exceeds the {self.max_message_bytes} byte gRPC limit: {detail}", code)

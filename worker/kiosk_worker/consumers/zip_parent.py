@@ -27,6 +27,16 @@ import uuid
 
 import kiosk_protocol as protocol
 from kiosk_protocol import zipjobs
+from kiosk_protocol.fields import (
+    CHILDREN,
+    CHILDREN_DONE,
+    CHILDREN_FAILED,
+    FAILURES,
+    PROGRESS,
+    REASON,
+    STATUS,
+    TOTAL_JOBS,
+)
 from kiosk_worker import results, ziparchive
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.errors import Cancelled, JobError, one_line, reason_for
@@ -52,7 +62,7 @@ class ZipConsumer(Consumer):
 
     def _consume(self, redis_hash: str) -> str:
         job = self.job  # read by the base class in the same round trip as the skip check
-        if "children" not in job:
+        if CHILDREN not in job:
             return self.fan_out(redis_hash, job)
         return self.check_children(redis_hash, job)
 
@@ -91,17 +101,17 @@ class ZipConsumer(Consumer):
             raise Cancelled(redis_hash)
         # Children and the parent's list of them appear together or not at all.
         parent = self.store.stamp({
-            "children": zipjobs.join_keys(k for k, _ in children),
-            "children:done": "",
-            "children:failed": "",
-            "progress": 0,
-            "total_jobs": len(children),
+            CHILDREN: zipjobs.join_keys(k for k, _ in children),
+            CHILDREN_DONE: "",
+            CHILDREN_FAILED: "",
+            PROGRESS: 0,
+            TOTAL_JOBS: len(children),
         })
         # A retried transaction rewrites the children (same fields) but queues them only once.
         pipe = self.redis.pipeline(transaction=True)
         for key, fields in children:
             pipe.hset(key, mapping=fields)
-        protocol.push_once(pipe, redis_hash, parent, "children", child_queue, [k for k, _ in children])
+        protocol.push_once(pipe, redis_hash, parent, CHILDREN, child_queue, [k for k, _ in children])
         pipe.execute()
         self.logger.info("zip %s: %d children queued on %s", redis_hash, len(children), child_queue)
         return protocol.WAITING
@@ -109,20 +119,20 @@ class ZipConsumer(Consumer):
     # -- later visits --------------------------------------------------------------------------
 
     def check_children(self, redis_hash: str, job: dict[str, str]) -> str:
-        children = zipjobs.split_keys(job.get("children"))
-        done = zipjobs.split_keys(job.get("children:done"))
-        failed = zipjobs.split_keys(job.get("children:failed"))
+        children = zipjobs.split_keys(job.get(CHILDREN))
+        done = zipjobs.split_keys(job.get(CHILDREN_DONE))
+        failed = zipjobs.split_keys(job.get(CHILDREN_FAILED))
         known = set(done) | set(failed)
         open_keys = [k for k in children if k not in known]
         pipe = self.redis.pipeline(transaction=False)
         for key in open_keys:
-            pipe.hget(key, "status")
+            pipe.hget(key, STATUS)
         statuses = dict(zip(open_keys, (protocol.text(s) for s in pipe.execute()), strict=True))
         tally = zipjobs.tally_children(children, done, failed, statuses)
         self.update_key(redis_hash, {
-            "children:done": zipjobs.join_keys(tally.done),
-            "children:failed": zipjobs.join_keys(tally.failed),
-            "progress": tally.progress,
+            CHILDREN_DONE: zipjobs.join_keys(tally.done),
+            CHILDREN_FAILED: zipjobs.join_keys(tally.failed),
+            PROGRESS: tally.progress,
         })
         if not tally.complete:
             self.logger.debug("zip %s: %d/%d children finished", redis_hash,
@@ -133,7 +143,7 @@ class ZipConsumer(Consumer):
     # -- last visit ----------------------------------------------------------------------------
 
     def collect(self, redis_hash: str, job: dict[str, str], tally: zipjobs.ChildTally) -> str:
-        fields = ("status", "output_file_name", "original_name", "reason")
+        fields = (STATUS, "output_file_name", "original_name", REASON)
         pipe = self.redis.pipeline(transaction=False)
         for key in (*tally.done, *tally.failed):
             pipe.hmget(key, fields)
@@ -168,16 +178,16 @@ class ZipConsumer(Consumer):
         with self.timed("upload_time"):
             dest, url = self.storage.upload(out_zip)
 
-        children = zipjobs.split_keys(job.get("children"))
+        children = zipjobs.split_keys(job.get(CHILDREN))
         self.expire_children(children)
         self.finish_fields.update({
             "output_url": url,
             "output_file_name": dest,
-            "failures": zipjobs.encode_failures(failures),
-            "total_jobs": len(children),
-            "children:done": zipjobs.join_keys(done),
-            "children:failed": zipjobs.join_keys(k for k in children if k in failures),
-            "progress": 100,
+            FAILURES: zipjobs.encode_failures(failures),
+            TOTAL_JOBS: len(children),
+            CHILDREN_DONE: zipjobs.join_keys(done),
+            CHILDREN_FAILED: zipjobs.join_keys(k for k in children if k in failures),
+            PROGRESS: 100,
         })
         self.logger.info("zip %s: %d children done, %d failed", redis_hash, len(done), len(failures))
         return self.final_status
