@@ -1,6 +1,6 @@
 """Base consumers: the Kiosk's custom-consumer contract, with the bookkeeping done once.
 
-Writing a consumer (the seed's contract, unchanged)::
+Writing a consumer (the Kiosk's custom-consumer contract, unchanged)::
 
     from kiosk_worker.consumers.base import TensorFlowServingConsumer
 
