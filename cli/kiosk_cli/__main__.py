@@ -14,9 +14,10 @@ from pathlib import Path
 from rich.console import Console
 
 import kiosk_protocol as protocol
-from kiosk_cli import connect, display, inputs, pools, results, status, submit, track
+from kiosk_cli import connect, display, follow, inputs, pools, results, status, submit
 from kiosk_cli.errors import CliError
 from kiosk_protocol import zipjobs
+from kiosk_protocol.registry import heartbeat_ttl
 
 log = logging.getLogger("kiosk_cli")
 EXIT_ERROR = 1
@@ -70,19 +71,19 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
         return 0
     labels = {job.key: job.local_path.name for job in jobs}
     keys = [job.key for job in jobs]
-    with display.JobProgress(console, keys, labels) as bars:
-        views = track.wait_jobs(client, keys, bars.update, interval=args.interval, timeout=args.timeout)
+    with display.ProgressBars(console, keys, labels) as bars:
+        finished = follow.wait_jobs(client, keys, bars.update, interval=args.interval, timeout=args.timeout)
     downloads = {}
     out_dir = Path(args.out)
-    for v in views:
-        if v.status == protocol.DONE and results.output_location(v.fields):
-            downloads[v.key] = results.download_output(storage, v.key, v.fields, out_dir)
-    console.print(display.outcome_table(views, downloads))
-    failed = [v for v in views if v.status != protocol.DONE]
+    for job in finished:
+        if job.status == protocol.DONE and results.output_location(job.fields):
+            downloads[job.key] = results.download_output(storage, job.key, job.fields, out_dir)
+    console.print(display.outcome_table(finished, downloads))
+    failed = [job for job in finished if job.status != protocol.DONE]
     if failed:
-        console.print(f"[red]{len(failed)} of {len(views)} jobs failed")
+        console.print(f"[red]{len(failed)} of {len(finished)} jobs failed")
         return EXIT_JOB_FAILED
-    console.print(f"[green]{len(views)} jobs done; results in {out_dir}/")
+    console.print(f"[green]{len(finished)} jobs done; results in {out_dir}/")
     return 0
 
 
@@ -92,7 +93,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     pool_rows, note = (None, "skipped (--no-pools)") if args.no_pools else pools.list_pools()
     wanted = [q.strip() for item in args.queue for q in item.split(",") if q.strip()]
     queues = wanted or status.discover_queues(client, settings.queues + pools.pool_queues(pool_rows))
-    stale_after = max(10.0, 5 * settings.heartbeat_interval)
+    # Stale: overdue by the workers' own liveness rule (the operator and reclaim use the same).
+    stale_after = heartbeat_ttl(settings.heartbeat_interval)
     snapshot = status.collect(client, queues, stale_after, pool_rows, note)
     for table in display.status_tables(snapshot):
         console.print(table)

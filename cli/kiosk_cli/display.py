@@ -10,13 +10,13 @@ from rich.table import Table
 from rich.text import Text
 
 import kiosk_protocol as protocol
+from kiosk_cli.follow import MISSING, JobProgress
 from kiosk_cli.status import Snapshot
-from kiosk_cli.track import JobView
 
-_STATUS_STYLE = {protocol.DONE: "green", protocol.FAILED: "red", "missing": "red"}
+_STATUS_STYLE = {protocol.DONE: "green", protocol.FAILED: "red", MISSING: "red"}
 
 
-class JobProgress:
+class ProgressBars:
     """One bar per job plus an overall bar counting finished jobs."""
 
     def __init__(self, console: Console, keys: Sequence[str], labels: Mapping[str, str]) -> None:
@@ -34,34 +34,34 @@ class JobProgress:
             key: self.progress.add_task(labels.get(key, key), total=1.0, status="new") for key in keys
         }
 
-    def __enter__(self) -> JobProgress:
+    def __enter__(self) -> ProgressBars:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, views: Sequence[JobView]) -> None:
-        for v in views:
-            style = _STATUS_STYLE.get(v.status, "cyan")
-            self.progress.update(self.tasks[v.key], completed=v.fraction, status=f"[{style}]{v.status}")
-        done = sum(v.finished for v in views)
-        failed = sum(v.finished and v.status != protocol.DONE for v in views)
-        label = f"{done}/{len(views)} finished" + (f", [red]{failed} failed" if failed else "")
+    def update(self, jobs: Sequence[JobProgress]) -> None:
+        for job in jobs:
+            style = _STATUS_STYLE.get(job.status, "cyan")
+            self.progress.update(self.tasks[job.key], completed=job.fraction, status=f"[{style}]{job.status}")
+        done = sum(job.finished for job in jobs)
+        failed = sum(job.finished and job.status != protocol.DONE for job in jobs)
+        label = f"{done}/{len(jobs)} finished" + (f", [red]{failed} failed" if failed else "")
         self.progress.update(self.overall, completed=done, status=label)
 
 
-def outcome_table(views: Sequence[JobView], downloads: Mapping[str, str]) -> Table:
+def outcome_table(jobs: Sequence[JobProgress], downloads: Mapping[str, str]) -> Table:
     table = Table(title="results")
     table.add_column("job", overflow="fold")
     table.add_column("status")
     table.add_column("output / reason", overflow="fold")
-    for v in views:
-        style = _STATUS_STYLE.get(v.status, "")
-        detail = downloads.get(v.key) or v.fields.get("output_url", "") or v.fields.get("reason", "")
-        if v.status != protocol.DONE:
-            detail = v.fields.get("reason", "") or detail
-        table.add_row(v.key, f"[{style}]{v.status}" if style else v.status, detail)
+    for job in jobs:
+        style = _STATUS_STYLE.get(job.status, "")
+        detail = downloads.get(job.key) or job.fields.get("output_url", "") or job.fields.get("reason", "")
+        if job.status != protocol.DONE:
+            detail = job.fields.get("reason", "") or detail
+        table.add_row(job.key, f"[{style}]{job.status}" if style else job.status, detail)
     return table
 
 

@@ -25,15 +25,9 @@ import redis
 import kiosk_protocol as protocol
 from kiosk_operator.manifests import TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY, tls_secret_keys
 from kiosk_operator.spec import RedisSpec, TLSSecretRef
-from kiosk_protocol import WorkerState
+from kiosk_protocol import WorkerState, fields
 from kiosk_protocol.redis_config import RedisConfig, connect
-
-#: Seconds a registered worker may miss heartbeats before it no longer counts as busy.
-HEARTBEAT_SLACK = 3.0
-
-#: Heartbeat info fields written by kiosk_worker.runner (RunStats.info): per-item service time.
-SERVICE_SAMPLES_FIELD = "service_time_samples"
-SERVICE_MEAN_FIELD = "service_time_ewma"
+from kiosk_protocol.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -43,7 +37,6 @@ class Measurement:
     pending: int
     in_flight: int
     busy_workers: frozenset[str]
-    live_workers: frozenset[str]
     mean_service_seconds: float | None
     service_samples: int
     #: Every registered worker as read (reclaim reuses them instead of reading again).
@@ -55,30 +48,32 @@ class Measurement:
 
 
 def measure(
-    client: redis.Redis, queues: tuple[str, ...] | list[str], now: float, heartbeat_ttl: float = 10.0
+    client: redis.Redis, queues: tuple[str, ...] | list[str], now: float, heartbeat_ttl: float | None = None
 ) -> Measurement:
-    """O(queues + workers) Redis commands; busy = live workers holding at least one item."""
+    """O(queues + workers) Redis commands; busy = live workers holding at least one item.
+
+    ``heartbeat_ttl``: the liveness rule (``protocol.heartbeat_ttl``) of the pool's heartbeat
+    interval; by default that of a worker's default interval.
+    """
+    if heartbeat_ttl is None:
+        heartbeat_ttl = protocol.heartbeat_ttl(Settings.heartbeat_interval)
     depth = protocol.measure_depth(client, queues, with_info=True)
-    busy, live = set(), set()
+    busy = set()
     total_time, samples = 0.0, 0
     for w in depth.workers:
-        if w.alive(now, heartbeat_ttl):
-            live.add(w.name)
-            if w.in_flight > 0:
-                busy.add(w.name)
+        if w.in_flight > 0 and w.alive(now, heartbeat_ttl):
+            busy.add(w.name)
         # Workers report a smoothed per-item service time (drain-time scaling).
         try:
-            n = int(w.info.get(SERVICE_SAMPLES_FIELD, "0") or 0)
-            mean = float(w.info.get(SERVICE_MEAN_FIELD, "0") or 0)
+            n = int(w.info.get(fields.HB_SERVICE_SAMPLES, "0") or 0)
+            mean = float(w.info.get(fields.HB_SERVICE_EWMA, "0") or 0)
         except ValueError:
             continue
         if n > 0 and mean > 0:
             total_time += mean * n
             samples += n
     mean_service = total_time / samples if samples else None
-    return Measurement(
-        depth.pending, depth.in_flight, frozenset(busy), frozenset(live), mean_service, samples, depth.workers
-    )
+    return Measurement(depth.pending, depth.in_flight, frozenset(busy), mean_service, samples, depth.workers)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def differences(want: Any, have: Any, path: str = "") -> list[str]:
     return [path]
 
 
-def extra_env(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
+def extra_containers(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
     """Containers of ``have`` that ``want`` does not define (someone added a sidecar) are drift too."""
     w = want.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
     h = have.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
@@ -71,4 +71,4 @@ def deployment_drift(want: dict[str, Any], have: dict[str, Any]) -> list[str]:
             w = w.get(part, {}) if isinstance(w, dict) else {}
             h = h.get(part, {}) if isinstance(h, dict) else {}
         out += differences(w, h, "." + ".".join(path))
-    return out + extra_env(want, have)
+    return out + extra_containers(want, have)

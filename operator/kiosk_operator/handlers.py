@@ -1,7 +1,8 @@
 """kopf wiring: pool lifecycle -> Deployment, one scaling loop per pool, drift repair, probes.
 
-Handlers stay thin; the work is in kiosk_operator.reconcile (sync, run in a thread pool so
-that 200 pools' loops never block kopf's event loop).
+Handlers stay thin; the work is in kiosk_operator.cycle via kube_backend.run_cycle and in
+kiosk_operator.deployment (sync, run in a thread pool so that 200 pools' loops never block
+kopf's event loop).
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ from typing import Any
 import kopf
 
 from kiosk_operator import manifests, metrics
+from kiosk_operator.deployment import ensure_deployment, render_deployment
 from kiosk_operator.depth import RedisClients
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
-from kiosk_operator.reconcile import PoolState, ensure_deployment, render_deployment, scaling_cycle
+from kiosk_operator.kube_backend import run_cycle
 from kiosk_operator.spec import SpecError, parse_spec
-from kiosk_protocol.crd import GROUP, PLURAL, VERSION
+from kiosk_operator.status import PoolState
+from kiosk_protocol.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from kiosk_protocol.errors import describe
 
 log = logging.getLogger("kiosk_operator")
 
 POOL = (GROUP, VERSION, PLURAL)
+#: Seconds until a pool's cycle runs again after an unexpected error (a Kubernetes API hiccup).
+ERROR_INTERVAL = 5.0
 _state: dict[str, Any] = {}
 
 
@@ -183,8 +189,8 @@ async def scaling_loop(
     try:
         while not stopped:
             pool = {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "ConsumerPool",
+                "apiVersion": API_VERSION,
+                "kind": KIND,
                 "metadata": dict(body.metadata),
                 "spec": dict(body.spec),
                 "status": dict(body.status),
@@ -192,16 +198,12 @@ async def scaling_loop(
             try:
                 result = await loop.run_in_executor(
                     _executor(),
-                    lambda p=pool: scaling_cycle(kube, _clients(), p, state, logger=logger, replicas_of=replicas_of),
+                    lambda p=pool: run_cycle(kube, _clients(), p, state, logger=logger, replicas_of=replicas_of),
                 )
             except Exception as exc:  # Kubernetes API hiccup: log, post, retry next interval
-                logger.warning("scaling cycle failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
-                kopf.warn(
-                    pool,
-                    reason="ScalingError",
-                    message=str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__,
-                )
-                interval = 5.0
+                logger.warning("scaling cycle failed: %s", describe(exc))
+                kopf.warn(pool, reason="ScalingError", message=describe(exc, 500))
+                interval = ERROR_INTERVAL
             else:
                 for ev in result.events:
                     kopf.event(pool, type=ev.type, reason=ev.reason, message=ev.message)

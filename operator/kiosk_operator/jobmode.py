@@ -147,16 +147,33 @@ def reconcile_jobs(
 
     ``batch_v1`` is a ``kubernetes.client.BatchV1Api``; ``owner`` the pool body (kopf's
     ``body``) so that created Jobs are adopted and garbage-collected with the pool.
-    The operator calls it every polling interval (reconcile.job_cycle) in Job mode, with
     ``pending_items`` = LLEN of the pool's queues (in-flight items are already taken).
     ``request_timeout`` bounds each API call, so a silent API server cannot stall the pool's loop.
+    The operator's cycle runs the same steps (list, decide, create, prune) through kube_backend.
     """
-    from kubernetes.client.exceptions import ApiException
-
     request = {"_request_timeout": request_timeout} if request_timeout else {}
     plan = plan_jobs(list_pool_jobs(batch_v1, namespace, pool_name, **request), pending_items, spec)
+    created = create_jobs(batch_v1, namespace, pool_name, spec, plan.create, owner, request_timeout)
+    deleted = prune_jobs(batch_v1, namespace, plan.delete, request_timeout)
+    if created or deleted:
+        log.info("pool %s/%s: %d pending items, %d active Jobs: created %d, pruned %d", namespace, pool_name,
+                 pending_items, plan.active, len(created), len(deleted))
+    return JobResult(plan, tuple(created), tuple(deleted))
+
+
+def create_jobs(
+    batch_v1: Any,
+    namespace: str,
+    pool_name: str,
+    spec: PoolSpec,
+    count: int,
+    owner: Mapping[str, Any] | None = None,
+    request_timeout: float | None = None,
+) -> list[str]:
+    """Create ``count`` worker Jobs (adopted by ``owner`` when given); returns their names."""
+    request = {"_request_timeout": request_timeout} if request_timeout else {}
     created: list[str] = []
-    for _ in range(plan.create):
+    for _ in range(count):
         body = manifests.build_job(pool_name, namespace, spec, new_job_index())
         if owner is not None:
             import kopf
@@ -164,18 +181,25 @@ def reconcile_jobs(
             kopf.adopt(body, owner=owner)  # type: ignore[arg-type]
         batch_v1.create_namespaced_job(namespace, body, **request)
         created.append(body["metadata"]["name"])
+    return created
+
+
+def prune_jobs(
+    batch_v1: Any, namespace: str, names: Iterable[str], request_timeout: float | None = None
+) -> list[str]:
+    """Delete finished Jobs beyond the history limits (already gone: fine); returns those deleted."""
+    from kubernetes.client.exceptions import ApiException
+
+    request = {"_request_timeout": request_timeout} if request_timeout else {}
     deleted: list[str] = []
-    for name in plan.delete:
+    for name in names:
         try:
             batch_v1.delete_namespaced_job(name, namespace, propagation_policy="Background", **request)
             deleted.append(name)
         except ApiException as err:
             if err.status != 404:
                 raise
-    if created or deleted:
-        log.info("pool %s/%s: %d pending items, %d active Jobs: created %d, pruned %d", namespace, pool_name,
-                 pending_items, plan.active, len(created), len(deleted))
-    return JobResult(plan, tuple(created), tuple(deleted))
+    return deleted
 
 
 def _as_dict(job: Any) -> Mapping[str, Any]:

@@ -1,11 +1,10 @@
 """Local mode: ``kiosk-operator --local -f POOL.yaml`` runs a pool on this machine, no cluster.
 
-The same scaling code as in Kubernetes (``scaling.desired_workers`` /
-``scaling.jobs_to_create``, ``reclaim``) drives a process backend instead of a
-Deployment: worker processes are started and stopped with the queue depth. A
-local redis-server is started when the pool points at 127.0.0.1 and nothing
-listens there; ``kiosk-model-server`` likewise (``--model-server``); storage is
-the pool's ``file://`` bucket.
+The same scaling cycle as in Kubernetes (``kiosk_operator.cycle``) drives worker
+processes (``local_backend``) instead of a Deployment: they are started and stopped
+with the queue depth. A local redis-server is started when the pool points at
+127.0.0.1 and nothing listens there; ``kiosk-model-server`` likewise
+(``--model-server``); storage is the pool's ``file://`` bucket.
 """
 
 from __future__ import annotations
@@ -28,15 +27,20 @@ from typing import Any
 import redis
 import yaml
 
-from kiosk_operator import depth, reclaim, scaling
+from kiosk_operator import cycle, depth
+from kiosk_operator.local_backend import LocalBackend
 from kiosk_operator.manifests import build_worker_env, redis_tls_file_env
 from kiosk_operator.process_backend import DEFAULT_COMMAND, ProcessBackend
 from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
+from kiosk_operator.status import PoolState
 from kiosk_protocol.crd import KIND
+from kiosk_protocol.errors import describe
 
 log = logging.getLogger("kiosk_operator.local")
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: The namespace label of a local pool's metrics and log lines.
+LOCAL_NAMESPACE = "local"
 REDIS_BACKOFF_MAX = 5.0
 
 
@@ -56,7 +60,7 @@ def load_pool(path: str | Path) -> tuple[str, PoolSpec, dict[str, Any]]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d]
     except yaml.YAMLError as err:
-        raise LocalError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+        raise LocalError(f"{path}: not valid YAML ({describe(err)})") from None
     pools = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     if not pools:
         raise LocalError(f"{path}: no document of kind {KIND}")
@@ -195,11 +199,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
 # --- the loop -------------------------------------------------------------------------------
 
 
-def heartbeat_ttl(interval: float) -> float:
-    """A worker is overdue after missing about three heartbeats."""
-    return 3.0 * interval + 1.0
-
-
 @dataclass
 class Tick:
     """One loop iteration, for the progress line and for tests."""
@@ -211,6 +210,8 @@ class Tick:
     started: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
     reclaimed: int = 0
+    #: One line when Redis could not be measured (the workers were kept).
+    redis_error: str | None = None
 
     def line(self) -> str:
         text = (f"pending={self.pending} in-flight={self.in_flight} "
@@ -225,37 +226,25 @@ class Tick:
 
 
 class LocalPool:
-    """Scale one pool's worker processes with its queue depth."""
+    """Scale one pool's worker processes with its queue depth: the shared cycle on the local backend."""
 
     def __init__(self, name: str, spec: PoolSpec, client: redis.Redis, backend: ProcessBackend) -> None:
         self.name, self.spec, self.client, self.backend = name, spec, client, backend
-        self.last_active: float | None = None
-        self.ttl = heartbeat_ttl(spec.worker.heartbeat_interval_seconds)
+        self.state = PoolState()
+        self.worker_backend = LocalBackend(backend)
 
     def tick(self, now: float | None = None) -> Tick:
         now = time.time() if now is None else now
-        spec = self.spec
-        self.backend.reap()
-        reclaimed = 0
-        if spec.reclaim.enabled:
-            report = reclaim.reclaim_queues(self.client, spec.queues, self.backend.alive, self.ttl, now=now,
-                                            legacy=spec.reclaim.legacy_processing_lists)
-            reclaimed = report.requeued
-        m = depth.measure(self.client, spec.queues, now, self.ttl)
-        active = self.backend.active()
-        if spec.scaling.mode == "Job":
-            new = scaling.jobs_to_create(m.pending, len(active), None, spec.scaling.batch_size,
-                                         spec.scaling.max_workers)
-            started = self.backend.start(new)
-            return Tick(m.pending, m.in_flight, len(active) + new, len(active) + new, started,
-                        reclaimed=reclaimed)
-        service = (m.mean_service_seconds, m.service_samples) if m.mean_service_seconds else None
-        busy = m.busy_workers & set(active)
-        decision = scaling.desired_workers(m.depth, len(active), spec.scaling, self.last_active, now,
-                                           busy=len(busy), service=service)
-        self.last_active = decision.last_active
-        started, stopped = self.backend.scale_to(decision.replicas, busy)
-        return Tick(m.pending, m.in_flight, len(self.backend.active()), decision.replicas, started, stopped,
+        pool = cycle.PoolCycle(LOCAL_NAMESPACE, self.name, self.spec, self.state, self.worker_backend,
+                               lambda: self.client, now, log)
+        result = cycle.run(pool)
+        workers = len(self.backend.active())
+        obs, scaled = result.observation, result.scaled
+        if obs is None or scaled is None:
+            return Tick(0, 0, workers, workers, redis_error=result.redis_error)
+        m = obs.measurement
+        reclaimed = obs.reclaimed.requeued if obs.reclaimed else 0
+        return Tick(m.pending, m.in_flight, workers, result.status["desired"], scaled.started, scaled.stopped,
                     reclaimed)
 
 
@@ -340,16 +329,14 @@ def _run(args: argparse.Namespace) -> int:
     last_line, backoff, seen_work = "", interval, False
     try:
         while not stop.is_set():
-            try:
-                tick = pool.tick()
-                backoff = interval
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as err:
-                backend.reap()
-                say(f"Redis unreachable ({' '.join(str(err).split())[:80]}); keeping "
-                    f"{len(backend.active())} workers, retrying in {backoff:.1f}s")
+            tick = pool.tick()
+            if tick.redis_error is not None:
+                say(f"Redis unreachable ({tick.redis_error[:80]}); keeping "
+                    f"{tick.workers} workers, retrying in {backoff:.1f}s")
                 stop.wait(backoff)
                 backoff = min(REDIS_BACKOFF_MAX, backoff * 2)
                 continue
+            backoff = interval
             line = tick.line()
             if line != last_line:
                 say(line)

@@ -14,7 +14,6 @@ from kiosk_protocol.crd import GROUP
 
 POOL_LABEL = f"{GROUP}/pool"
 COMPONENT_LABEL = "app.kubernetes.io/component"
-SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 WORKER_CONTAINER = "worker"
 WORKER_COMPONENT = "worker"
@@ -233,10 +232,6 @@ def build_job(pool_name: str, namespace: str, spec: PoolSpec, index: int | str) 
         },
         "spec": job_spec,
     }
-
-
-def scale_patch(replicas: int) -> dict[str, Any]:
-    return {"spec": {"replicas": int(replicas)}}
 
 
 def deletion_cost_patch(cost: int) -> dict[str, Any]:

@@ -69,9 +69,6 @@ class ProcessBackend:
         self.reap()
         return [n for n, w in self.workers.items() if w.stopping_since is None]
 
-    def stopping(self) -> list[str]:
-        return [n for n, w in self.workers.items() if w.stopping_since is not None]
-
     # -- actions --
 
     def start(self, count: int = 1) -> list[str]:

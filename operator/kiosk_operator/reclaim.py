@@ -8,7 +8,8 @@ and a pod that is still starting has not heartbeated yet.
 
 The decision (`stranded`, `legacy_stranded`) is pure; the I/O (`reclaim_queues`)
 takes the pod lookup as a callable, so the same code serves Kubernetes
-(`kube_pod_alive`) and local mode (the process backend). Moving each item is one
+(`kube_pod_alive`) and local mode (the process backend); `reclaim_step` is the
+scaling cycle's pass, at most every RECLAIM_EVERY seconds. Moving each item is one
 atomic Lua call in ``protocol.reclaim_list``, so two reclaimers, or a reclaimer
 racing a worker that is finishing, move every item exactly once.
 """
@@ -24,14 +25,17 @@ from typing import Any
 import redis
 
 import kiosk_protocol as protocol
+from kiosk_operator import metrics
+from kiosk_operator.spec import PoolSpec
+from kiosk_operator.status import PoolState
 from kiosk_protocol import WorkerState
 
 log = logging.getLogger(__name__)
 
 PodAlive = Callable[[str], bool]
 
-#: Default heartbeat expiry: the worker beats every HEARTBEAT_INTERVAL (2 s) seconds.
-DEFAULT_TTL = 10.0
+#: Seconds between reclaim passes of a pool (the first pass runs at the first cycle).
+RECLAIM_EVERY = 5.0
 
 
 # --- pure decisions -------------------------------------------------------------------------
@@ -103,18 +107,24 @@ class ReclaimReport:
         self.dropped += counts.get("dropped", 0)
         self.raced += counts.get("raced", 0)
 
+    def summary(self) -> str:
+        gone = ", ".join(sorted(set(self.workers))[:10])
+        dropped = f"; dropped {self.dropped} already finished" if self.dropped else ""
+        return f"returned {self.requeued} items of gone workers ({gone}) to their queues{dropped}"
+
 
 def reclaim_queues(
     client: redis.Redis,
     queues: Iterable[str],
     pod_alive: PodAlive,
-    ttl: float = DEFAULT_TTL,
+    ttl: float,
     now: float | None = None,
     legacy: bool = False,
     workers: Iterable[WorkerState] | None = None,
 ) -> ReclaimReport:
     """One reclaim pass over ``queues``; safe to run concurrently with other reclaimers.
 
+    ``ttl`` is the heartbeat expiry (``protocol.heartbeat_ttl`` of the workers' interval).
     ``workers`` may be passed in when the caller already measured depth
     (``protocol.measure_depth(...).workers``), saving a round trip.
     ``legacy=True`` additionally SCANs ``processing-{queue}:*`` (that pattern only)
@@ -142,6 +152,37 @@ def reclaim_queues(
             report.add(counts)
             report.workers.append(name)
             log.info("reclaimed legacy consumer %s on %s: %s", name, queue, counts)
+    return report
+
+
+def reclaim_step(
+    client: redis.Redis,
+    spec: PoolSpec,
+    state: PoolState,
+    workers: Iterable[WorkerState],
+    pod_alive: PodAlive,
+    now: float,
+    labels: tuple[str, str],
+) -> ReclaimReport | None:
+    """A pool's reclaim pass when one is due (every RECLAIM_EVERY s); None when none ran.
+
+    Counts what moved in ``state.reclaimed`` and the metrics. Redis errors propagate.
+    """
+    if not spec.reclaim.enabled:
+        return None
+    if state.last_reclaim is not None and now - state.last_reclaim < RECLAIM_EVERY:
+        return None
+    state.last_reclaim = now
+    ttl = protocol.heartbeat_ttl(spec.worker.heartbeat_interval_seconds)
+    report = reclaim_queues(
+        client, spec.queues, pod_alive, ttl, now=now, legacy=spec.reclaim.legacy_processing_lists, workers=workers
+    )
+    if report.moved:
+        state.reclaimed = (state.reclaimed or 0) + report.requeued
+    if report.requeued:
+        metrics.RECLAIMED.labels(*labels, "requeued").inc(report.requeued)
+    if report.dropped:
+        metrics.RECLAIMED.labels(*labels, "dropped").inc(report.dropped)
     return report
 
 

@@ -96,8 +96,9 @@ def desired_workers(
     """Decide the replica count of a Deployment-mode pool.
 
     ``depth`` = pending + in-flight items; ``current`` = replicas now; ``busy`` = workers
-    holding an item; ``last_active`` = the clock when depth was last above zero (None if
-    never seen); ``service`` = (mean seconds per item, sample count) for drain-time sizing.
+    holding an item that a scale-down could remove (the one place the busy floor is applied);
+    ``last_active`` = the clock when depth was last above zero (None if never seen);
+    ``service`` = (mean seconds per item, sample count) for drain-time sizing.
     """
     depth, current, busy = max(0, depth), max(0, current), max(0, busy)
     if depth > 0 or last_active is None:

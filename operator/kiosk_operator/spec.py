@@ -1,9 +1,10 @@
-"""The ConsumerPool spec as frozen dataclasses, with the CRD's defaults.
+"""The ConsumerPool spec as frozen dataclasses, defaulted from the CRD's own schema.
 
-The API server already validates and defaults the CR (crds/consumerpool.yaml); this
-module applies the same defaults again so that local mode (a YAML file, no API
-server) behaves identically, and checks the few things a schema cannot: each
-error is one line naming the field.
+The API server validates and defaults a pool with the CRD's schema (kiosk_operator.crd);
+``parse_spec`` applies the same schema defaults again, so that local mode (a YAML file,
+no API server) behaves identically, and the dataclasses take their defaults from it too:
+the CRD is the one place a default is written. It then checks the spec, including what
+a schema cannot express; each error is one line naming the field.
 """
 
 from __future__ import annotations
@@ -13,14 +14,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiosk_operator import crd
+
 QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BUCKET_RE = re.compile(r"^(gs|s3|file)://")
 MODES = ("Deployment", "Job")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+SPEC_SCHEMA = crd.spec_schema()
+
+
+def schema_default(*path: str) -> Any:
+    """The CRD's default of ``spec.<path>``, e.g. ``schema_default("redis", "port")``; KeyError if none."""
+    node = SPEC_SCHEMA
+    for key in path:
+        node = node["properties"][key]
+    return node["default"]
 
 
 class SpecError(ValueError):
     """The pool spec cannot be used; the message is one line naming the field."""
+
 
 
 @dataclass(frozen=True)
@@ -34,21 +47,21 @@ class TLSSecretRef:
     """A Secret with ca.crt (and tls.crt/tls.key when client_certificate): Redis's CA, our client cert."""
 
     name: str
-    client_certificate: bool = False
+    client_certificate: bool = schema_default("redis", "tlsSecretRef", "clientCertificate")
 
 
 @dataclass(frozen=True)
 class SentinelSpec:
     hosts: tuple[str, ...]
-    master: str = "mymaster"
+    master: str = schema_default("redis", "sentinel", "master")
 
 
 @dataclass(frozen=True)
 class RedisSpec:
-    host: str = "redis-master"
-    port: int = 6379
+    host: str = schema_default("redis", "host")
+    port: int = schema_default("redis", "port")
     password_secret_ref: SecretKeyRef | None = None
-    tls: bool = False
+    tls: bool = schema_default("redis", "tls")
     sentinel: SentinelSpec | None = None
     tls_secret_ref: TLSSecretRef | None = None
 
@@ -56,13 +69,13 @@ class RedisSpec:
 @dataclass(frozen=True)
 class ModelServerDeployment:
     name: str
-    replicas: int = 1
+    replicas: int = schema_default("modelServer", "deployment", "replicas")
 
 
 @dataclass(frozen=True)
 class ModelServerSpec:
-    host: str = "tf-serving"
-    port: int = 8500
+    host: str = schema_default("modelServer", "host")
+    port: int = schema_default("modelServer", "port")
     deployment: ModelServerDeployment | None = None
 
 
@@ -71,36 +84,36 @@ class StorageSpec:
     bucket: str = ""
     credentials_secret_ref: str = ""
     endpoint: str = ""
-    public: bool = False
+    public: bool = schema_default("storage", "public")
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    ttl_seconds_after_finished: int = 300
-    backoff_limit: int = 0
-    active_deadline_seconds: int | None = 3600
-    successful_jobs_history_limit: int = 3
-    failed_jobs_history_limit: int = 1
+    ttl_seconds_after_finished: int = schema_default("scaling", "job", "ttlSecondsAfterFinished")
+    backoff_limit: int = schema_default("scaling", "job", "backoffLimit")
+    active_deadline_seconds: int | None = schema_default("scaling", "job", "activeDeadlineSeconds")
+    successful_jobs_history_limit: int = schema_default("scaling", "job", "successfulJobsHistoryLimit")
+    failed_jobs_history_limit: int = schema_default("scaling", "job", "failedJobsHistoryLimit")
 
 
 @dataclass(frozen=True)
 class ScalingSpec:
-    mode: str = "Deployment"
-    min_workers: int = 0
-    max_workers: int = 1
-    items_per_worker: int = 1
-    activation_threshold: int = 1
-    polling_interval_seconds: float = 1.0
-    cooldown_seconds: float = 60.0
+    mode: str = schema_default("scaling", "mode")
+    min_workers: int = schema_default("scaling", "minWorkers")
+    max_workers: int = schema_default("scaling", "maxWorkers")
+    items_per_worker: int = schema_default("scaling", "itemsPerWorker")
+    activation_threshold: int = schema_default("scaling", "activationThreshold")
+    polling_interval_seconds: float = float(schema_default("scaling", "pollingIntervalSeconds"))
+    cooldown_seconds: float = float(schema_default("scaling", "cooldownSeconds"))
     target_drain_seconds: float | None = None
-    batch_size: int = 10
+    batch_size: int = schema_default("scaling", "batchSize")
     job: JobSpec = field(default_factory=JobSpec)
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     image: str
-    image_pull_policy: str = "IfNotPresent"
+    image_pull_policy: str = schema_default("worker", "imagePullPolicy")
     command: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     env: tuple[Mapping[str, Any], ...] = ()
@@ -110,24 +123,24 @@ class WorkerSpec:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     affinity: Mapping[str, Any] = field(default_factory=dict)
     service_account_name: str = ""
-    termination_grace_period_seconds: int = 30
-    grace_seconds: float = 25.0
-    heartbeat_interval_seconds: float = 2.0
+    termination_grace_period_seconds: int = schema_default("worker", "terminationGracePeriodSeconds")
+    grace_seconds: float = float(schema_default("worker", "graceSeconds"))
+    heartbeat_interval_seconds: float = float(schema_default("worker", "heartbeatIntervalSeconds"))
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ReclaimSpec:
-    enabled: bool = True
-    legacy_processing_lists: bool = False
+    enabled: bool = schema_default("reclaim", "enabled")
+    legacy_processing_lists: bool = schema_default("reclaim", "legacyProcessingLists")
 
 
 @dataclass(frozen=True)
 class PoolSpec:
     queues: tuple[str, ...]
     worker: WorkerSpec
-    consumer_type: str = "segmentation"
+    consumer_type: str = schema_default("consumerType")
     redis: RedisSpec = field(default_factory=RedisSpec)
     model_server: ModelServerSpec = field(default_factory=ModelServerSpec)
     storage: StorageSpec = field(default_factory=StorageSpec)
@@ -136,6 +149,7 @@ class PoolSpec:
 
 
 # --- parsing helpers ------------------------------------------------------------------------
+# parse_spec has applied the schema's defaults first: a field the CRD defaults is present here.
 
 
 def _obj(data: Any, path: str) -> Mapping[str, Any]:
@@ -146,8 +160,8 @@ def _obj(data: Any, path: str) -> Mapping[str, Any]:
     return data
 
 
-def _int(data: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0) -> int:
-    value = data.get(key, default)
+def _int(data: Mapping[str, Any], key: str, path: str, minimum: int = 0) -> int:
+    value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
         raise SpecError(f"{path}.{key}: must be an integer, not {value!r}")
     if value < minimum:
@@ -155,15 +169,10 @@ def _int(data: Mapping[str, Any], key: str, path: str, default: int, minimum: in
     return value
 
 
-def _num(
-    data: Mapping[str, Any],
-    key: str,
-    path: str,
-    default: float | None,
-    minimum: float = 0.0,
-    exclusive: bool = False,
+def _optional_num(
+    data: Mapping[str, Any], key: str, path: str, minimum: float = 0.0, exclusive: bool = False
 ) -> float | None:
-    value = data.get(key, default)
+    value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -174,17 +183,24 @@ def _num(
     return float(value)
 
 
-def _str(data: Mapping[str, Any], key: str, path: str, default: str = "") -> str:
-    value = data.get(key, default)
+def _num(data: Mapping[str, Any], key: str, path: str, minimum: float = 0.0, exclusive: bool = False) -> float:
+    value = _optional_num(data, key, path, minimum, exclusive)
     if value is None:
-        return default
+        raise SpecError(f"{path}.{key}: is required")
+    return value
+
+
+def _str(data: Mapping[str, Any], key: str, path: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
     if not isinstance(value, str):
         raise SpecError(f"{path}.{key}: must be a string, not {value!r}")
     return value
 
 
-def _bool(data: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
-    value = data.get(key, default)
+def _bool(data: Mapping[str, Any], key: str, path: str) -> bool:
+    value = data.get(key)
     if not isinstance(value, bool):
         raise SpecError(f"{path}.{key}: must be true or false, not {value!r}")
     return value
@@ -197,14 +213,15 @@ def _list(data: Mapping[str, Any], key: str, path: str) -> tuple[Any, ...]:
     return tuple(value)
 
 
-def _port(data: Mapping[str, Any], key: str, path: str, default: int) -> int:
-    value = _int(data, key, path, default, minimum=1)
+def _port(data: Mapping[str, Any], key: str, path: str) -> int:
+    value = _int(data, key, path, minimum=1)
     if value > 65535:
         raise SpecError(f"{path}.{key}: must be a port number between 1 and 65535, not {value}")
     return value
 
 
 # --- sections -------------------------------------------------------------------------------
+# An empty string where the CRD has a default means the default (the API server rejects it).
 
 
 def _secret_key_ref(data: Any, path: str) -> SecretKeyRef | None:
@@ -226,7 +243,7 @@ def _tls_secret_ref(data: Any, path: str, tls: bool) -> TLSSecretRef | None:
         raise SpecError(f"{path}.name: is required")
     if not tls:
         raise SpecError(f"{path}: needs spec.redis.tls set to true")
-    return TLSSecretRef(name, _bool(data, "clientCertificate", path, False))
+    return TLSSecretRef(name, _bool(data, "clientCertificate", path))
 
 
 def _redis(data: Mapping[str, Any]) -> RedisSpec:
@@ -240,11 +257,12 @@ def _redis(data: Mapping[str, Any]) -> RedisSpec:
         for host in hosts:
             if not re.fullmatch(r"[^:\s]+:\d{1,5}", host) or not 0 < int(host.rsplit(":", 1)[1]) < 65536:
                 raise SpecError(f"{p}.sentinel.hosts: {host!r} is not host:port (port 1-65535)")
-        sentinel = SentinelSpec(hosts, _str(s, "master", p + ".sentinel", "mymaster") or "mymaster")
-    tls = _bool(data, "tls", p, False)
+        master = _str(s, "master", p + ".sentinel") or schema_default("redis", "sentinel", "master")
+        sentinel = SentinelSpec(hosts, master)
+    tls = _bool(data, "tls", p)
     return RedisSpec(
-        host=_str(data, "host", p, "redis-master") or "redis-master",
-        port=_port(data, "port", p, 6379),
+        host=_str(data, "host", p) or schema_default("redis", "host"),
+        port=_port(data, "port", p),
         password_secret_ref=_secret_key_ref(data.get("passwordSecretRef"), p + ".passwordSecretRef"),
         tls=tls,
         sentinel=sentinel,
@@ -260,10 +278,10 @@ def _model_server(data: Mapping[str, Any]) -> ModelServerSpec:
         name = _str(d, "name", p + ".deployment")
         if not name:
             raise SpecError(f"{p}.deployment.name: is required")
-        dep = ModelServerDeployment(name, _int(d, "replicas", p + ".deployment", 1, minimum=1))
+        dep = ModelServerDeployment(name, _int(d, "replicas", p + ".deployment", minimum=1))
     return ModelServerSpec(
-        host=_str(data, "host", p, "tf-serving") or "tf-serving",
-        port=_port(data, "port", p, 8500),
+        host=_str(data, "host", p) or schema_default("modelServer", "host"),
+        port=_port(data, "port", p),
         deployment=dep,
     )
 
@@ -275,34 +293,33 @@ def _storage(data: Mapping[str, Any]) -> StorageSpec:
         raise SpecError(f"{p}.bucket: must start with gs://, s3:// or file://, not {bucket!r}")
     creds = data.get("credentialsSecretRef")
     creds_name = _str(_obj(creds, p + ".credentialsSecretRef"), "name", p + ".credentialsSecretRef")
-    return StorageSpec(bucket, creds_name, _str(data, "endpoint", p), _bool(data, "public", p, False))
+    return StorageSpec(bucket, creds_name, _str(data, "endpoint", p), _bool(data, "public", p))
 
 
 def _scaling(data: Mapping[str, Any]) -> ScalingSpec:
     p = "spec.scaling"
-    mode = _str(data, "mode", p, "Deployment")
+    mode = _str(data, "mode", p)
     if mode not in MODES:
         raise SpecError(f"{p}.mode: must be one of {', '.join(MODES)}, not {mode!r}")
     j = _obj(data.get("job"), p + ".job")
     pj = p + ".job"
-    deadline = j.get("activeDeadlineSeconds", 3600)
     job = JobSpec(
-        ttl_seconds_after_finished=_int(j, "ttlSecondsAfterFinished", pj, 300),
-        backoff_limit=_int(j, "backoffLimit", pj, 0),
-        active_deadline_seconds=None if deadline is None else _int(j, "activeDeadlineSeconds", pj, 3600, 1),
-        successful_jobs_history_limit=_int(j, "successfulJobsHistoryLimit", pj, 3),
-        failed_jobs_history_limit=_int(j, "failedJobsHistoryLimit", pj, 1),
+        ttl_seconds_after_finished=_int(j, "ttlSecondsAfterFinished", pj),
+        backoff_limit=_int(j, "backoffLimit", pj),
+        active_deadline_seconds=_int(j, "activeDeadlineSeconds", pj, minimum=1),
+        successful_jobs_history_limit=_int(j, "successfulJobsHistoryLimit", pj),
+        failed_jobs_history_limit=_int(j, "failedJobsHistoryLimit", pj),
     )
     spec = ScalingSpec(
         mode=mode,
-        min_workers=_int(data, "minWorkers", p, 0),
-        max_workers=_int(data, "maxWorkers", p, 1),
-        items_per_worker=_int(data, "itemsPerWorker", p, 1, minimum=1),
-        activation_threshold=_int(data, "activationThreshold", p, 1, minimum=1),
-        polling_interval_seconds=_num(data, "pollingIntervalSeconds", p, 1.0, 0.1),  # type: ignore[arg-type]
-        cooldown_seconds=_num(data, "cooldownSeconds", p, 60.0, 0.0),  # type: ignore[arg-type]
-        target_drain_seconds=_num(data, "targetDrainSeconds", p, None, 0.0, exclusive=True),
-        batch_size=_int(data, "batchSize", p, 10, minimum=1),
+        min_workers=_int(data, "minWorkers", p),
+        max_workers=_int(data, "maxWorkers", p),
+        items_per_worker=_int(data, "itemsPerWorker", p, minimum=1),
+        activation_threshold=_int(data, "activationThreshold", p, minimum=1),
+        polling_interval_seconds=_num(data, "pollingIntervalSeconds", p, 0.1),
+        cooldown_seconds=_num(data, "cooldownSeconds", p, 0.0),
+        target_drain_seconds=_optional_num(data, "targetDrainSeconds", p, 0.0, exclusive=True),
+        batch_size=_int(data, "batchSize", p, minimum=1),
         job=job,
     )
     if spec.min_workers > spec.max_workers:
@@ -318,16 +335,15 @@ def _worker(data: Mapping[str, Any]) -> WorkerSpec:
     image = _str(data, "image", p)
     if not image.strip():
         raise SpecError(f"{p}.image: is required")
-    policy = _str(data, "imagePullPolicy", p, "IfNotPresent")
+    policy = _str(data, "imagePullPolicy", p)
     if policy not in PULL_POLICIES:
         raise SpecError(f"{p}.imagePullPolicy: must be one of {', '.join(PULL_POLICIES)}, not {policy!r}")
     env = _list(data, "env", p)
     for i, item in enumerate(env):
         if not isinstance(item, Mapping) or not item.get("name"):
             raise SpecError(f"{p}.env[{i}]: needs a name")
-    tgps = _int(data, "terminationGracePeriodSeconds", p, 30, minimum=1)
-    grace = _num(data, "graceSeconds", p, 25.0, 0.0)
-    assert grace is not None
+    tgps = _int(data, "terminationGracePeriodSeconds", p, minimum=1)
+    grace = _num(data, "graceSeconds", p, 0.0)
     if grace >= tgps:
         raise SpecError(
             f"{p}.graceSeconds ({grace:g}) must be less than {p}.terminationGracePeriodSeconds ({tgps}), "
@@ -349,7 +365,7 @@ def _worker(data: Mapping[str, Any]) -> WorkerSpec:
         service_account_name=_str(data, "serviceAccountName", p),
         termination_grace_period_seconds=tgps,
         grace_seconds=grace,
-        heartbeat_interval_seconds=_num(data, "heartbeatIntervalSeconds", p, 2.0, 0.0, exclusive=True),  # type: ignore[arg-type]
+        heartbeat_interval_seconds=_num(data, "heartbeatIntervalSeconds", p, 0.0, exclusive=True),
         pod_labels={str(k): str(v) for k, v in _obj(data.get("podLabels"), p + ".podLabels").items()},
         pod_annotations={
             str(k): str(v) for k, v in _obj(data.get("podAnnotations"), p + ".podAnnotations").items()
@@ -357,9 +373,17 @@ def _worker(data: Mapping[str, Any]) -> WorkerSpec:
     )
 
 
+def _reclaim(data: Mapping[str, Any]) -> ReclaimSpec:
+    p = "spec.reclaim"
+    return ReclaimSpec(_bool(data, "enabled", p), _bool(data, "legacyProcessingLists", p))
+
+
 def parse_spec(data: Mapping[str, Any] | None) -> PoolSpec:
-    """Parse and default a ConsumerPool ``spec``; raises SpecError (one line) when unusable."""
-    data = _obj(data, "spec")
+    """Default (from the CRD's schema) and parse a ConsumerPool ``spec``; SpecError (one line) when unusable.
+
+    ``data`` itself is not modified.
+    """
+    data = crd.apply_defaults(_obj(data, "spec"), SPEC_SCHEMA)
     queues = tuple(str(q) for q in _list(data, "queues", "spec"))
     if not queues:
         raise SpecError("spec.queues: needs at least one queue name")
@@ -370,19 +394,13 @@ def parse_spec(data: Mapping[str, Any] | None) -> PoolSpec:
         raise SpecError("spec.queues: queue names must be unique")
     if "worker" not in data:
         raise SpecError("spec.worker: is required (at least worker.image)")
-    consumer = _str(data, "consumerType", "spec", "segmentation") or "segmentation"
     return PoolSpec(
         queues=queues,
         worker=_worker(_obj(data["worker"], "spec.worker")),
-        consumer_type=consumer,
+        consumer_type=_str(data, "consumerType", "spec") or schema_default("consumerType"),
         redis=_redis(_obj(data.get("redis"), "spec.redis")),
         model_server=_model_server(_obj(data.get("modelServer"), "spec.modelServer")),
         storage=_storage(_obj(data.get("storage"), "spec.storage")),
         scaling=_scaling(_obj(data.get("scaling"), "spec.scaling")),
-        reclaim=ReclaimSpec(
-            enabled=_bool(_obj(data.get("reclaim"), "spec.reclaim"), "enabled", "spec.reclaim", True),
-            legacy_processing_lists=_bool(
-                _obj(data.get("reclaim"), "spec.reclaim"), "legacyProcessingLists", "spec.reclaim", False
-            ),
-        ),
+        reclaim=_reclaim(_obj(data.get("reclaim"), "spec.reclaim")),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -16,9 +17,10 @@ import tifffile
 import kiosk_protocol as protocol
 from harness.ports import free_port
 from harness.wait import wait_for
-from kiosk_cli import inputs, pools, track
+from kiosk_cli import follow, inputs, pools
 from kiosk_cli import status as status_cmd
 from kiosk_cli.errors import CliError
+from kiosk_protocol.registry import heartbeat_ttl
 from kiosk_storage import open_storage
 
 BIN = Path(sys.executable).parent
@@ -98,13 +100,13 @@ def bucket(tmp_path: Path) -> str:
 def test_job_fraction_follows_kiosk_statuses() -> None:
     order = [protocol.NEW, protocol.STARTED, protocol.PRE_PROCESSING, protocol.PREDICTING,
              protocol.POST_PROCESSING, protocol.SAVING_RESULTS, protocol.DONE]
-    fractions = [track.job_fraction({"status": s}) for s in order]
+    fractions = [follow.job_fraction({"status": s}) for s in order]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
-    assert track.job_fraction({"status": protocol.FAILED}) == 1.0
-    assert track.job_fraction({"status": protocol.WAITING, "progress": "40"}) == pytest.approx(0.4)
-    assert 0.0 < track.job_fraction({"status": "some-new-step"}) < 1.0  # unknown = in progress
-    missing = track.view("q:x:1", {})
-    assert missing.finished and missing.status == track.MISSING and "not found" in missing.fields["reason"]
+    assert follow.job_fraction({"status": protocol.FAILED}) == 1.0
+    assert follow.job_fraction({"status": protocol.WAITING, "progress": "40"}) == pytest.approx(0.4)
+    assert 0.0 < follow.job_fraction({"status": "some-new-step"}) < 1.0  # unknown = in progress
+    missing = follow.job_progress("q:x:1", {})
+    assert missing.finished and missing.status == follow.MISSING and "not found" in missing.fields["reason"]
 
 
 def test_expand_inputs_walks_dirs_and_skips_hidden(tmp_path: Path) -> None:
@@ -284,6 +286,22 @@ def test_status_flags_stale_workers(redis_server, redis_client) -> None:
     result = kiosk("status", "--queue", "q", "--no-pools", env=cli_env(redis_server))
     assert result.returncode == 0, result.stderr
     assert "(stale)" in next(line for line in result.stdout.splitlines() if "worker-gone" in line)
+
+
+def test_status_staleness_is_the_workers_liveness_rule(redis_server, redis_client) -> None:
+    """A worker is shown stale exactly when the protocol's heartbeat_ttl says it is overdue."""
+    interval = 1.0
+    ttl = heartbeat_ttl(interval)
+    now = time.time()
+    for name, age in [("worker-late", ttl + 2.0), ("worker-recent", ttl - 2.0)]:
+        protocol.JobStore(redis_client, name).heartbeat(["q"], ttl=30)
+        redis_client.zadd(protocol.workers_key("q"), {name: now - age})
+    env = cli_env(redis_server, HEARTBEAT_INTERVAL=str(interval))
+    result = kiosk("status", "--queue", "q", "--no-pools", env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "(stale)" in next(line for line in lines if "worker-late" in line)
+    assert "(stale)" not in next(line for line in lines if "worker-recent" in line)
 
 
 # --- results ----------------------------------------------------------------------------------

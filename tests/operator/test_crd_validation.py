@@ -9,6 +9,8 @@ import pytest
 from harness.cluster import ApiError, ClusterError
 from harness.operator_process import POOLS
 from harness.wait import wait_for
+from kiosk_operator.crd import apply_defaults, spec_schema
+from kiosk_operator.spec import parse_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -110,6 +112,43 @@ def test_tls_secret_ref_gets_defaults(k8s_cluster, k8s_namespace, crd):
     body["spec"]["redis"] = {"tls": True, "tlsSecretRef": {"name": "redis-tls"}}
     created = k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), body)
     assert created["spec"]["redis"]["tlsSecretRef"] == {"name": "redis-tls", "clientCertificate": False}
+
+
+# (id, spec fields set over VALID's): local mode must default a pool file as the API server does.
+DEFAULTING = [
+    ("minimal", {}),
+    (
+        "optional-objects",
+        {
+            "redis": {"tls": True, "tlsSecretRef": {"name": "t"}, "sentinel": {"hosts": ["s1:26379"]}},
+            "modelServer": {"deployment": {"name": "tfs"}},
+            "storage": {"credentialsSecretRef": {"name": "gcs"}},
+        },
+    ),
+    (
+        "partial-sections",
+        {
+            "worker": {
+                "image": "x",
+                "env": [{"name": "A", "value": "1"}],
+                "tolerations": [{"key": "k", "operator": "Exists"}],
+                "resources": {"limits": {"cpu": "1"}},
+            },
+            "scaling": {"mode": "Job", "maxWorkers": 4, "job": {"backoffLimit": 2}},
+            "reclaim": {"enabled": False},
+        },
+    ),
+    ("nulls", {"redis": None, "scaling": {"job": None, "cooldownSeconds": None}, "storage": {"bucket": None}}),
+]
+
+
+@pytest.mark.parametrize("change", [d[1] for d in DEFAULTING], ids=[d[0] for d in DEFAULTING])
+def test_local_defaults_are_the_api_servers(k8s_cluster, k8s_namespace, crd, change):
+    body = copy.deepcopy(VALID)
+    body["spec"].update(copy.deepcopy(change))
+    created = k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), copy.deepcopy(body))
+    assert created["spec"] == apply_defaults(body["spec"], spec_schema())
+    assert parse_spec(created["spec"]) == parse_spec(body["spec"])
 
 
 def test_scale_subresource_sets_the_ceiling(k8s_cluster, k8s_namespace, crd):

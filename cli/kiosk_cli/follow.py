@@ -13,7 +13,7 @@ from kiosk_cli.errors import CliError
 from kiosk_protocol.errors import describe
 
 #: Fields a client needs to follow a job (the ones the Kiosk frontend polls).
-TRACKED_FIELDS = ("status", "progress", "reason", "output_url", "output_file_name", "failures", "children")
+PROGRESS_FIELDS = ("status", "progress", "reason", "output_url", "output_file_name", "failures", "children")
 MISSING = "missing"
 
 # How far along each single-image status is; unknown statuses count as in progress.
@@ -30,7 +30,9 @@ _UNKNOWN_STAGE = 0.5
 
 
 @dataclass(frozen=True)
-class JobView:
+class JobProgress:
+    """How far one submitted job has got: its status, 0..1 done, and the fields read."""
+
     key: str
     status: str
     fraction: float
@@ -55,48 +57,49 @@ def job_fraction(fields: dict[str, str]) -> float:
     return _STAGE.get(status, _UNKNOWN_STAGE)
 
 
-def view(key: str, fields: dict[str, str]) -> JobView:
+def job_progress(key: str, fields: dict[str, str]) -> JobProgress:
+    """The progress of job ``key`` from its hash fields (no status: the job is missing)."""
     if not fields.get("status"):
         reason = fields.get("reason") or "job not found in Redis (expired or never submitted)"
         fields = {**fields, "reason": reason}
-        return JobView(key, MISSING, 1.0, fields)
-    return JobView(key, fields["status"], job_fraction(fields), fields)
+        return JobProgress(key, MISSING, 1.0, fields)
+    return JobProgress(key, fields["status"], job_fraction(fields), fields)
 
 
-def fetch_views(client: redis.Redis, keys: Sequence[str]) -> list[JobView]:
+def fetch_progress(client: redis.Redis, keys: Sequence[str]) -> list[JobProgress]:
     """One round trip for all jobs."""
     pipe = client.pipeline(transaction=False)
     for key in keys:
-        pipe.hmget(key, TRACKED_FIELDS)
+        pipe.hmget(key, PROGRESS_FIELDS)
     try:
         replies = pipe.execute()
     except redis.RedisError as exc:
         raise CliError(f"lost connection to Redis while waiting: {describe(exc)}") from None
-    views = []
+    jobs = []
     for key, values in zip(keys, replies, strict=True):
-        pairs = zip(TRACKED_FIELDS, values, strict=True)
+        pairs = zip(PROGRESS_FIELDS, values, strict=True)
         fields = {name: value for name, value in pairs if value is not None}
-        views.append(view(key, fields))
-    return views
+        jobs.append(job_progress(key, fields))
+    return jobs
 
 
 def wait_jobs(
     client: redis.Redis,
     keys: Sequence[str],
-    on_update: Callable[[list[JobView]], None],
+    on_update: Callable[[list[JobProgress]], None],
     interval: float = 0.2,
     timeout: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> list[JobView]:
+) -> list[JobProgress]:
     """Poll until every job is finished; timeout 0 waits forever, else CliError on expiry."""
     deadline = clock() + timeout if timeout > 0 else None
     while True:
-        views = fetch_views(client, keys)
-        on_update(views)
-        if all(v.finished for v in views):
-            return views
+        jobs = fetch_progress(client, keys)
+        on_update(jobs)
+        if all(job.finished for job in jobs):
+            return jobs
         if deadline is not None and clock() >= deadline:
-            left = sum(not v.finished for v in views)
-            raise CliError(f"timed out after {timeout:g}s with {left} of {len(views)} jobs unfinished")
+            left = sum(not job.finished for job in jobs)
+            raise CliError(f"timed out after {timeout:g}s with {left} of {len(jobs)} jobs unfinished")
         sleep(interval)
