@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml examples/custom-consumer/pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml tests/pyproject.toml examples/custom-consumer/pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 export KIOSK_CACHE ?= $(HOME)/.cache/kiosk-operator
 PYTEST_ARGS ?=
 
@@ -26,10 +26,11 @@ deps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip==26.3
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps -e tests  # the test harness (package harness)
 	@if [ -f examples/custom-consumer/pyproject.toml ]; then $(PIP) install -q --no-deps -e examples/custom-consumer; fi
 	@rm -f $(VENV)/.installed-*; touch $@
 
@@ -39,7 +40,7 @@ lint: venv
 # Build logs go to stderr so that `eval "$$(make -s cluster-up)"` sees only the export line.
 cluster-binaries: venv
 	bash tools/cluster/build.sh >&2
-	cd tests && ../$(PY) -m harness.storage_servers build >&2
+	$(PY) -m harness.storage_servers build >&2
 
 cluster-up: venv cluster-binaries
 	$(PY) tools/cluster/cluster.py up

@@ -5,8 +5,8 @@
    formula (ceil(pending / target) - running, where Jobs whose pods are still Pending
    are not counted as running). Pods stay Pending for a few polls, as on a slow node pool.
 2. Makespan of N jobs on K real ``kiosk-worker`` processes against a model server with a
-   fixed latency, versus the ideal N * latency / K (target <= 1.05x). As DESIGN §5 defines
-   it: workers are started, registered and warmed before the clock starts (process start-up
+   fixed latency, versus the ideal N * latency / K (target <= 1.05x). Measured this
+   way: workers are started, registered and warmed before the clock starts (process start-up
    is the cold-start figure, measured elsewhere); the clock runs from the moment all N jobs
    are enqueued (one pipeline) to the last job's own ``finished_at``; the bench watches only
    the queue depth (O(K) commands per 50 ms), never every job hash, so the observer does not
@@ -119,6 +119,7 @@ def makespan_row(n: int, k: int, latency_ms: float) -> dict:
     import tifffile
 
     import kiosk_protocol as protocol
+    from harness.procs import stop_process
     from kiosk_model_server import ModelServer
     from kiosk_operator.local import start_redis
     from kiosk_operator.process_backend import ProcessBackend
@@ -156,8 +157,7 @@ def makespan_row(n: int, k: int, latency_ms: float) -> dict:
         finally:
             backend.stop_all(10)
             model.stop()
-            redis_proc.terminate()
-            redis_proc.wait(10)
+            stop_process(redis_proc, 10)
     ideal = n * latency_ms / 1000 / k
     overhead_ms = (took * k / n) * 1000 - latency_ms
     return {

@@ -24,12 +24,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+import kiosk_protocol as protocol
+from harness.procs import stop_process
+from harness.redis_server import RedisServer
+from kiosk_protocol import JobStore
 
-import kiosk_protocol as protocol  # noqa: E402
-from harness.redis_server import RedisServer  # noqa: E402
-from kiosk_protocol import JobStore  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 UNRELATED_KEYS = 1_000_000
 KIOSK_POLL_SECONDS = 5.0
@@ -112,8 +112,8 @@ def bench_depth(repeats: int = 5) -> list[dict]:
 
 
 def _operator(cluster: Any, ns: str, workdir: Path) -> tuple[subprocess.Popen, int]:
+    from harness import rbac
     from harness.ports import free_port
-    from kiosk_operator import rbac
 
     for obj in rbac.namespaced_manifests("kiosk-operator", ns):
         cluster.apply(json.dumps(obj), namespace=ns)
@@ -186,7 +186,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[dict]:
-    from harness.cluster import LocalCluster
+    from harness.cluster import ApiError, LocalCluster
+    from harness.wait import wait_for
 
     rows: list[dict] = []
     redis_server = RedisServer().start()
@@ -196,7 +197,8 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
     procs: list[subprocess.Popen] = []
     try:
         cluster.apply((REPO / "crds" / "consumerpool.yaml").read_text())
-        time.sleep(2)  # CRD establishment (bench, not a test)
+        wait_for(lambda: cluster.exists("/apis/kiosk.deepcell.org/v1alpha1/consumerpools"), 60,
+                 "ConsumerPool CRD served", ignore=(ApiError,))
         pools_path = "/apis/kiosk.deepcell.org/v1alpha1/namespaces/{ns}/consumerpools"
         # Reaction time.
         ns = "bench-reaction"
@@ -275,11 +277,7 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
             )
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 20)
         cluster.stop()
         redis_server.cleanup()
     return rows

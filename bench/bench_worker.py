@@ -12,7 +12,7 @@
   segmentation path (file:// download, TIFF decode, gRPC Predict to the
   ``null`` model, watershed, TIFF + zip, upload, status writes) with 32x32
   images, so it measures the worker's per-job overhead, not a model. Rate
-  from the jobs' ``finished_at`` stamps. Baseline column: DESIGN §5 target.
+  from the jobs' ``finished_at`` stamps. Baseline column: the README's target.
 * cold start: process start -> heartbeat registered in Redis, and RSS then
   (from /proc), against ``import tensorflow_serving.apis`` (what a worker
   built on tensorflow-serving-api pays before doing anything).
@@ -33,16 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+import numpy as np
+import redis
+import tifffile
 
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
-import tifffile  # noqa: E402
-
-import kiosk_protocol as protocol  # noqa: E402
-from harness.redis_server import RedisServer  # noqa: E402
-from kiosk_model_server import ModelServer  # noqa: E402
+import kiosk_protocol as protocol
+from harness.procs import stop_process
+from harness.redis_server import RedisServer
+from kiosk_model_server import ModelServer
 
 WORKER_BIN = str(Path(sys.executable).with_name("kiosk-worker"))
 UPSTREAM_EMPTY_QUEUE_TIMEOUT = 5.0
@@ -182,8 +180,7 @@ def _our_pickup(server: RedisServer, model: ModelServer, bucket: str, image: str
             time.sleep(0.1)
             return mon.latencies(keys)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
 
 
 # --- throughput -------------------------------------------------------------------------------------
@@ -243,8 +240,7 @@ def _our_cold_start(server: RedisServer, model: ModelServer, bucket: str, name: 
         ready = time.monotonic() - start
         return ready, _rss_mb(proc.pid)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc, 30)
 
 
 _TF_PROBE = (

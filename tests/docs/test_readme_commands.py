@@ -32,6 +32,7 @@ import tifffile
 
 import kiosk_protocol as protocol
 from harness.cluster import ClusterError, LocalCluster, binary_path
+from harness.procs import stop_process
 from harness.wait import wait_for
 from kiosk_protocol.settings import ENV_NAMES
 
@@ -216,12 +217,7 @@ def test_kiosk_cli_block(redis_server, redis_client, model_server: int, tmp_path
         assert done[0] in out and protocol.DONE in out
         assert [p.suffix for p in (work / "results").iterdir()] == [".zip"]
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, 30)
 
 
 # --- installing on Kubernetes ------------------------------------------------------------------

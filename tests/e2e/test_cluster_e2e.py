@@ -1,4 +1,4 @@
-"""End to end through a real cluster (DESIGN.md §4): ConsumerPool -> operator -> Deployment or Jobs ->
+"""End to end through a real cluster: ConsumerPool -> operator -> Deployment or Jobs ->
 pods (kwok) -> worker processes (the harness plays kubelet) -> Redis -> model server (gRPC) -> file://
 bucket -> job hashes done -> pool status, and back to zero workers.
 

@@ -1,1 +1,12 @@
-"""Real components for the tests: redis-server, model server, S3/GCS servers, a Kubernetes control plane."""
+"""Real components for the tests: redis-server, model server, S3/GCS servers, a Kubernetes control plane.
+
+An installed package (tests/pyproject.toml, `make venv`: ``pip install --no-deps -e tests``), so
+tests, bench/ and tools/ import it as ``harness`` without path edits.
+
+- ``cluster``: LocalCluster, the local control plane (``python -m harness.cluster up|down``);
+  ``cluster_fixtures``: its pytest fixtures; ``kubelet``: KubeletPlayer, pods as local processes.
+- ``operator_process``, ``operator_fixtures``: the operator as its ServiceAccount, pool manifests;
+  ``rbac``: the RBAC objects built from the operator's rbac_rules.yaml; ``local_pool``: local mode.
+- ``redis_server``, ``redis_fault_proxy``, ``storage_servers``: Redis (TLS, Sentinel), S3/GCS emulators.
+- ``procs`` (stop_process), ``wait`` (wait_for), ``ports`` (free_port).
+"""

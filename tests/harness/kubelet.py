@@ -17,7 +17,7 @@ with the pod's environment, as a kubelet would:
   ``Never``/``OnFailure`` pods (Jobs) the exit code is reported by patching the
   pod status to Succeeded or Failed, which the Job controller then counts.
   Such pods must carry the label ``kiosk.deepcell.org/kubelet`` (any value) so
-  that kwok does not complete them on its own (see harness.cluster's stages).
+  that kwok does not complete them on its own (see harness.cluster.kwok).
 
 Every process logs to ``<log_dir>/<pod>.log``. Only the first container runs.
 

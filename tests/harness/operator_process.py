@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import rbac
 from harness.cluster import ApiError, LocalCluster
 from harness.ports import free_port
 from harness.procs import stop_process
 from harness.wait import wait_for
-from kiosk_operator import rbac
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "consumerpool.yaml"

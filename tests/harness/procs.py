@@ -1,4 +1,7 @@
-"""Stopping the test servers' processes: SIGTERM, then SIGKILL after a grace period."""
+"""Stopping processes (test servers, workers, operators): SIGTERM, then SIGKILL after a grace period.
+
+``stop_process`` is the one way tests, benchmarks and tools stop a process they started.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,22 @@ import subprocess
 from pathlib import Path
 
 
-def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """Terminate ``proc`` if it still runs; kill it if it ignores SIGTERM for ``grace`` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_process(proc: subprocess.Popen | None, grace: float = 10.0) -> int | None:
+    """Terminate ``proc`` if it still runs; kill it if it ignores SIGTERM for ``grace`` seconds.
+
+    Returns its exit code (negative: the signal that ended it; None for no process), so a test
+    can assert a graceful exit: ``assert stop_process(proc, 20) == 0``.
+    """
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 class ServerProcess:

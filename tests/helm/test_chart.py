@@ -21,11 +21,12 @@ import pytest
 import yaml
 
 import kiosk_protocol as protocol
+from harness import rbac
 from harness.cluster import LocalCluster, binary_path
 from harness.cluster_fixtures import k8s_cluster, k8s_namespace  # noqa: F401
 from harness.ports import free_port
+from harness.procs import stop_process
 from harness.wait import wait_for
-from kiosk_operator import rbac
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "kiosk-operator"
@@ -436,11 +437,6 @@ def test_install_run_pool_and_upgrade(crds: LocalCluster, k8s_namespace: str, re
         history = helm("history", release, "--namespace", ns, "-o", "json", kubeconfig=kubeconfig).stdout
         assert [h["revision"] for h in json.loads(history)] == [1, 2]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
     helm("uninstall", release, "--namespace", ns, "--wait", kubeconfig=kubeconfig)
     assert cluster.kubectl_json("get", "consumerpool", "segmentation", "-n", ns)["metadata"]["uid"] == before

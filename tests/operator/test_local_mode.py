@@ -152,8 +152,9 @@ def test_relative_file_bucket_is_resolved(tmp_path: Path):
 
 def test_demo_runs_end_to_end(tmp_path: Path, redis_server, redis_client, monkeypatch, capfd):
     """`make demo`'s Python part: images → jobs → local mode (starting its own model server) → results."""
+    import demo  # tools/demo.py
+
     from harness.ports import free_port
-    from kiosk_operator import demo
 
     monkeypatch.chdir(tmp_path)
     pool = write_pool(tmp_path / "pool.yaml", "demo", redis_server.port, free_port(),

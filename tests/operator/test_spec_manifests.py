@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
+from importlib import resources
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kiosk_operator import drift, manifests, rbac
-from kiosk_operator.spec import PoolSpec, SpecError, TLSSecretRef, parse_spec
+from harness import rbac
+from kiosk_operator import crd, drift, manifests
+from kiosk_operator.crd import apply_defaults
+from kiosk_operator.spec import (
+    ModelServerDeployment,
+    ModelServerSpec,
+    PoolSpec,
+    ReclaimSpec,
+    RedisSpec,
+    ScalingSpec,
+    SentinelSpec,
+    SpecError,
+    StorageSpec,
+    TLSSecretRef,
+    WorkerSpec,
+    parse_spec,
+)
 from kiosk_protocol.settings import ENV_NAMES, load_settings
 
-CRD = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "consumerpool.yaml").read_text())
+ROOT = Path(__file__).resolve().parents[2]
+CRD = yaml.safe_load((ROOT / "crds" / "consumerpool.yaml").read_text())
+SPEC_SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 MINIMAL = {"queues": ["segmentation"], "worker": {"image": "kiosk-worker:1"}}
 
 
@@ -52,29 +72,160 @@ def full_spec() -> dict:
     }
 
 
-def test_defaults_match_the_crd():
-    spec = parse_spec(MINIMAL)
-    props = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
-    sc = props["scaling"]["properties"]
-    assert spec.scaling.min_workers == sc["minWorkers"]["default"]
-    assert spec.scaling.max_workers == sc["maxWorkers"]["default"]
-    assert spec.scaling.items_per_worker == sc["itemsPerWorker"]["default"]
-    assert spec.scaling.cooldown_seconds == sc["cooldownSeconds"]["default"]
-    assert spec.scaling.polling_interval_seconds == sc["pollingIntervalSeconds"]["default"]
-    assert spec.scaling.batch_size == sc["batchSize"]["default"]
-    assert spec.scaling.job.backoff_limit == sc["job"]["properties"]["backoffLimit"]["default"]
-    assert spec.redis.port == props["redis"]["properties"]["port"]["default"]
-    assert spec.model_server.host == props["modelServer"]["properties"]["host"]["default"]
-    assert spec.consumer_type == props["consumerType"]["default"]
-    w = props["worker"]["properties"]
-    assert spec.worker.grace_seconds == w["graceSeconds"]["default"]
-    assert spec.worker.termination_grace_period_seconds == w["terminationGracePeriodSeconds"]["default"]
-    assert spec.reclaim.enabled is True
-    ref = props["redis"]["properties"]["tlsSecretRef"]["properties"]
-    assert spec.redis.tls_secret_ref is None
-    assert parse_spec({**MINIMAL, "redis": {"tls": True, "tlsSecretRef": {"name": "t"}}}).redis.tls_secret_ref == (
-        TLSSecretRef("t", ref["clientCertificate"]["default"])
-    )
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _leaf_defaults(schema: dict, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    """(path, default) of every default in the schema below ``schema``, except objects' own ``{}``."""
+    out = []
+    for key, sub in (schema.get("properties") or {}).items():
+        here = (*path, key)
+        if "default" in sub and sub.get("type") != "object":
+            out.append((here, sub["default"]))
+        out += _leaf_defaults(sub, here)
+        if isinstance(sub.get("items"), dict):
+            out += _leaf_defaults(sub["items"], (*here, "[]"))
+    return out
+
+
+# Reaches the optional objects of the spec (redis.tlsSecretRef, redis.sentinel, modelServer.deployment).
+EVERY_OBJECT = {
+    **MINIMAL,
+    "redis": {"tls": True, "tlsSecretRef": {"name": "t"}, "sentinel": {"hosts": ["s1:26379"]}},
+    "modelServer": {"deployment": {"name": "tfs"}},
+}
+
+
+def _field(spec: PoolSpec, path: tuple[str, ...]) -> object:
+    value: object = spec
+    for key in path:
+        assert hasattr(value, _snake(key)), f"spec.{'.'.join(path)}: the CRD default has no PoolSpec field"
+        value = getattr(value, _snake(key))
+    return value
+
+
+def test_every_crd_default_reaches_the_pool_spec():
+    defaults = _leaf_defaults(SPEC_SCHEMA)
+    assert len(defaults) >= 25, defaults  # the walk found the schema's defaults
+    minimal, every_object = parse_spec(MINIMAL), parse_spec(EVERY_OBJECT)
+    for path, default in defaults:
+        where = "spec." + ".".join(path)
+        assert "[]" not in path, f"{where}: a default inside array items needs handling in this test"
+        # Top-level fields from the minimal spec (nothing set), optional objects' fields from the other.
+        inside_optional = _field(minimal, path[:-1]) is None
+        value = _field(every_object if inside_optional else minimal, path)
+        same_type = type(value) is type(default) or (type(value), type(default)) == (float, int)
+        assert value == default and same_type, f"{where}: {value!r} != the CRD default {default!r}"
+
+
+def test_dataclass_defaults_are_the_crd_defaults():
+    """Built directly (tests, scaling code) or parsed from an empty spec: the same values and types."""
+    parsed = parse_spec(EVERY_OBJECT)
+    redis = parsed.redis
+    assert repr(parsed.worker) == repr(WorkerSpec(image="kiosk-worker:1"))
+    assert repr(parsed.scaling) == repr(ScalingSpec())
+    assert repr(dataclasses.replace(redis, tls=False, sentinel=None, tls_secret_ref=None)) == repr(RedisSpec())
+    assert repr(redis.sentinel) == repr(SentinelSpec(("s1:26379",)))
+    assert repr(redis.tls_secret_ref) == repr(TLSSecretRef("t"))
+    assert repr(parsed.model_server) == repr(ModelServerSpec(deployment=ModelServerDeployment("tfs")))
+    assert repr(parsed.storage) == repr(StorageSpec()) and repr(parsed.reclaim) == repr(ReclaimSpec())
+    assert parsed.consumer_type == PoolSpec(("q",), WorkerSpec("i")).consumer_type == "segmentation"
+    # Floats stay floats: the worker env renders them ("25.0"), and drift compares that text.
+    assert isinstance(parsed.worker.grace_seconds, float) and isinstance(WorkerSpec("i").grace_seconds, float)
+
+
+def test_parse_spec_leaves_its_input_alone():
+    data = copy.deepcopy(EVERY_OBJECT)
+    parse_spec(data)
+    assert data == EVERY_OBJECT
+
+
+def test_null_and_blank_fields_get_the_default():
+    """Null is absent, as on the API server; a blank string where the CRD has a default is the default."""
+    spec = parse_spec({
+        **MINIMAL,
+        "consumerType": "",
+        "redis": None,
+        "modelServer": {"host": "", "port": None},
+        "scaling": {"job": {"activeDeadlineSeconds": None}, "pollingIntervalSeconds": None},
+    })
+    assert spec.consumer_type == "segmentation" and spec.redis == RedisSpec()
+    assert (spec.model_server.host, spec.model_server.port) == ("tf-serving", 8500)
+    assert spec.scaling.job.active_deadline_seconds == 3600 and spec.scaling.polling_interval_seconds == 1.0
+
+
+WALKER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "section": {
+            "type": "object",
+            "default": {},
+            "properties": {
+                "n": {"type": "integer", "default": 1},
+                "inner": {"type": "object", "properties": {"s": {"type": "string", "default": "x"}}},
+                "deep": {"type": "object", "default": {}, "properties": {"b": {"type": "boolean", "default": True}}},
+            },
+        },
+        "items": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"on": {"type": "boolean", "default": False}}},
+        },
+        "byName": {
+            "type": "object",
+            "additionalProperties": {"type": "object", "properties": {"z": {"type": "integer", "default": 0}}},
+        },
+        "kept": {"type": "integer", "default": 5},
+        "blank": {"type": "integer", "default": 7},
+        "nullable": {"type": "integer", "nullable": True, "default": 3},
+        "gone": {"type": "string"},
+        "list": {"type": "array", "default": ["a"], "items": {"type": "string"}},
+        "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    },
+}
+
+
+def test_schema_defaults_fill_nested_objects_and_array_items():
+    value = {
+        "items": [{}, {"on": True}],
+        "byName": {"a": {}, "b": {"z": 2}},
+        "kept": 9,
+        "blank": None,
+        "nullable": None,
+        "gone": None,
+        "free": {"anything": [1]},
+        "unknown": {"n": 0},
+    }
+    out = apply_defaults(value, WALKER_SCHEMA)
+    assert out == {
+        "section": {"n": 1, "deep": {"b": True}},  # a defaulted object gets its own defaults
+        "items": [{"on": False}, {"on": True}],
+        "byName": {"a": {"z": 0}, "b": {"z": 2}},
+        "kept": 9,
+        "blank": 7,  # null is dropped, then defaulted
+        "nullable": None,
+        "list": ["a"],
+        "free": {"anything": [1]},
+        "unknown": {"n": 0},
+    }
+    assert apply_defaults({"section": {"inner": {}}}, WALKER_SCHEMA)["section"]["inner"] == {"s": "x"}
+    assert value["items"] == [{}, {"on": True}] and "section" not in value, "the input is not modified"
+    out["list"].append("b")
+    assert apply_defaults({}, WALKER_SCHEMA)["list"] == ["a"], "defaults are copied, not shared"
+
+
+def test_schema_defaults_leave_wrong_types_for_the_parser():
+    assert apply_defaults({"section": "text", "items": {"on": 1}}, WALKER_SCHEMA)["section"] == "text"
+    assert apply_defaults("text", WALKER_SCHEMA) == "text"
+    with pytest.raises(SpecError, match="^spec.redis: must be an object$"):
+        parse_spec({**MINIMAL, "redis": "redis-master"})
+
+
+def test_crd_file_is_the_one_the_operator_ships():
+    repo_copy = ROOT / "crds" / "consumerpool.yaml"
+    shipped = resources.files(crd).joinpath(crd.FILE_NAME)
+    assert repo_copy.read_bytes() == shipped.read_bytes()
+    assert crd.definition() == CRD and crd.spec_schema() == SPEC_SCHEMA
 
 
 def test_every_crd_field_has_a_description():

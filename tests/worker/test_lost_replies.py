@@ -19,6 +19,7 @@ from redis.retry import Retry
 from workerkit import save_tiff, spawn_worker, submit, worker_env
 
 import kiosk_protocol as protocol
+from harness.procs import stop_process
 from harness.redis_fault_proxy import RedisFaultProxy
 from harness.wait import wait_for
 from kiosk_model_server.synthetic import make_cells
@@ -55,8 +56,7 @@ def test_a_lost_pop_reply_strands_nothing(redis_client, redis_server, model_serv
     assert proxy.faults == 1
     wait_for(lambda: redis_client.llen(processing) == 0, 10, "the worker's processing list empty")
     assert redis_client.llen(queue) == 0
-    proc.terminate()
-    assert proc.wait(20) == 0
+    assert stop_process(proc, 20) == 0
 
 
 def test_an_item_that_appears_in_an_idle_workers_list_is_given_back(redis_client, redis_server, model_server,

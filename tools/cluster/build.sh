@@ -22,7 +22,7 @@ BIN="$CACHE/bin"
 mkdir -p "$BIN"
 
 if [[ "${1:-}" == "--print-versions" ]]; then
-  # Consumed by tests/harness/cluster.py (binary_path) to find cache entries.
+  # Consumed by tests/harness/cluster/binaries.py (binary_path) to find cache entries.
   echo "etcd=$ETCD_VERSION"
   for n in kube-apiserver kube-controller-manager kube-scheduler kubectl; do echo "$n=$K8S_VERSION"; done
   echo "kwok=$KWOK_VERSION"
