@@ -4,89 +4,75 @@ Everything that names a Redis key, a hash field, a status, a Lua script, the wor
 and its liveness rule, or the ConsumerPool's API coordinates lives in this package, so that
 the Kiosk wire format is written down exactly once. ``import kiosk_protocol as protocol``
 gives the common names; the submodules hold the rest.
+
+
+Submodules are imported on first use, so a part that needs only ``errors`` or ``keys``
+(the TF Serving client, say) does not pay for importing redis.
 """
 
-from kiosk_protocol.fields import (
-    DONE,
-    FAILED,
-    FINISHED_STATUSES,
-    NEW,
-    POST_PROCESSING,
-    PRE_PROCESSING,
-    PREDICTING,
-    SAVING_RESULTS,
-    STARTED,
-    SUBMISSION_FIELDS,
-    WAITING,
-)
-from kiosk_protocol.jobs import JobStore, push_once, submission_fields, submit_job
-from kiosk_protocol.keys import (
-    PROCESSING_PREFIX,
-    WORKER_INFO_PREFIX,
-    WORKERS_PREFIX,
-    ZIP_SUFFIX,
-    default_worker_name,
-    job_key,
-    metadata_key,
-    parse_processing_key,
-    processing_key,
-    queue_for_file,
-    queue_of_key,
-    text,
-    utc_now_iso,
-    worker_info_key,
-    workers_key,
-)
-from kiosk_protocol.registry import (
-    RECLAIM_DROPPED,
-    RECLAIM_REQUEUED,
-    RECLAIM_TAKEN_ELSEWHERE,
-    QueueDepth,
-    WorkerState,
-    forget_worker,
-    heartbeat_ttl,
-    measure_depth,
-    reclaim_list,
-)
+from __future__ import annotations
 
-__all__ = [
-    "DONE",
-    "FAILED",
-    "FINISHED_STATUSES",
-    "NEW",
-    "POST_PROCESSING",
-    "PREDICTING",
-    "PRE_PROCESSING",
-    "PROCESSING_PREFIX",
-    "RECLAIM_DROPPED",
-    "RECLAIM_REQUEUED",
-    "RECLAIM_TAKEN_ELSEWHERE",
-    "SAVING_RESULTS",
-    "STARTED",
-    "SUBMISSION_FIELDS",
-    "WAITING",
-    "WORKERS_PREFIX",
-    "WORKER_INFO_PREFIX",
-    "ZIP_SUFFIX",
-    "JobStore",
-    "QueueDepth",
-    "WorkerState",
-    "default_worker_name",
-    "forget_worker",
-    "heartbeat_ttl",
-    "job_key",
-    "measure_depth",
-    "metadata_key",
-    "parse_processing_key",
-    "processing_key",
-    "push_once",
-    "queue_for_file",
-    "queue_of_key",
-    "reclaim_list",
-    "submission_fields",
-    "submit_job",
-    "text",
-    "utc_now_iso",
-    "worker_info_key",
-    "workers_key",
-]
+import importlib
+from typing import Any
+
+#: Public name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    "DONE": "fields",
+    "FAILED": "fields",
+    "FINISHED_STATUSES": "fields",
+    "NEW": "fields",
+    "POST_PROCESSING": "fields",
+    "PREDICTING": "fields",
+    "PRE_PROCESSING": "fields",
+    "SAVING_RESULTS": "fields",
+    "STARTED": "fields",
+    "SUBMISSION_FIELDS": "fields",
+    "WAITING": "fields",
+    "JobStore": "jobs",
+    "push_once": "jobs",
+    "submission_fields": "jobs",
+    "submit_job": "jobs",
+    "PROCESSING_PREFIX": "keys",
+    "WORKERS_PREFIX": "keys",
+    "WORKER_INFO_PREFIX": "keys",
+    "ZIP_SUFFIX": "keys",
+    "default_worker_name": "keys",
+    "job_key": "keys",
+    "metadata_key": "keys",
+    "parse_processing_key": "keys",
+    "processing_key": "keys",
+    "queue_for_file": "keys",
+    "queue_of_key": "keys",
+    "text": "keys",
+    "utc_now_iso": "keys",
+    "worker_info_key": "keys",
+    "workers_key": "keys",
+    "QueueDepth": "registry",
+    "RECLAIM_DROPPED": "registry",
+    "RECLAIM_REQUEUED": "registry",
+    "RECLAIM_TAKEN_ELSEWHERE": "registry",
+    "WorkerState": "registry",
+    "forget_worker": "registry",
+    "heartbeat_ttl": "registry",
+    "measure_depth": "registry",
+    "reclaim_list": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # a submodule: kiosk_protocol.zipjobs
+        except ModuleNotFoundError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
