@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import HARNESS_KUBELET_LABEL, LocalCluster
+from .ports import free_port
 
 log = logging.getLogger("harness.kubelet")
 
@@ -421,6 +422,9 @@ class KubeletPlayer:
         host = {k: os.environ[k] for k in HOST_ENV if k in os.environ}
         host["PATH"] = os.pathsep.join([str(VENV_BIN), host.get("PATH", os.defpath)])
         env = {**host, **pod_env(pod, self._lookup), **self.env_overrides}
+        # Each pod has its own network in a cluster; here every pod shares this host's ports.
+        if env.get("METRICS_PORT", "0") != "0" and "METRICS_PORT" not in self.env_overrides:
+            env["METRICS_PORT"] = str(free_port())
         argv = _resolve_exe(container_argv(pod, env, self.default_command), env["PATH"])
         proc = PodProcess(
             pod=name, uid=meta["uid"], argv=argv, env=env, log_path=self.log_dir / f"{name}.log",

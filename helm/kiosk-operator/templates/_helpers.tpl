@@ -26,12 +26,34 @@ app.kubernetes.io/name: {{ include "kiosk-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "kiosk-operator.labels" -}}
+{{/* The chart's own labels (without commonLabels). */}}
+{{- define "kiosk-operator.ownLabels" -}}
 helm.sh/chart: {{ include "kiosk-operator.chart" . }}
 {{ include "kiosk-operator.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kiosk
+{{- end }}
+
+{{/*
+Labels of an object: the chart's own, then the object's `extra` labels (component, a pool's
+labels), then commonLabels. Earlier ones win on a clash, so commonLabels never break a selector.
+Call with (dict "ctx" $ "extra" (dict ...)); "kiosk-operator.labels" is the no-extra form.
+*/}}
+{{- define "kiosk-operator.labelsWith" -}}
+{{- $own := fromYaml (include "kiosk-operator.ownLabels" .ctx) }}
+{{- toYaml (merge (dict) $own (.extra | default dict) (.ctx.Values.commonLabels | default dict)) }}
+{{- end }}
+
+{{- define "kiosk-operator.labels" -}}
+{{- include "kiosk-operator.labelsWith" (dict "ctx" .) }}
+{{- end }}
+
+{{/* Labels of the operator pod: selector and component first, then podLabels, then commonLabels. */}}
+{{- define "kiosk-operator.podLabels" -}}
+{{- $own := fromYaml (include "kiosk-operator.selectorLabels" .) }}
+{{- $_ := set $own "app.kubernetes.io/component" "operator" }}
+{{- toYaml (merge $own (.Values.podLabels | default dict) (.Values.commonLabels | default dict)) }}
 {{- end }}
 
 {{- define "kiosk-operator.serviceAccountName" -}}
@@ -66,4 +88,13 @@ app.kubernetes.io/part-of: kiosk
 
 {{- define "kiosk-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The ConsumerPool CRD file the chart carries (crds/consumerpool.yaml, a link to the one source). */}}
+{{- define "kiosk-operator.crdFile" -}}
+{{- $raw := .Files.Get "crds/consumerpool.yaml" }}
+{{- if not $raw }}
+{{- fail "crds/consumerpool.yaml is missing from the chart (it links to operator/kiosk_operator/crd/consumerpool.yaml)" }}
+{{- end }}
+{{- $raw }}
 {{- end }}
