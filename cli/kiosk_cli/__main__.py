@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 import kiosk_protocol as protocol
 from kiosk_cli import connect, display, follow, inputs, pools, results, status, submit
+from kiosk_cli.display import VALUE_LIMIT, safe
 from kiosk_cli.errors import CliError
 from kiosk_protocol import zipjobs
+from kiosk_protocol.errors import printable
 from kiosk_protocol.registry import heartbeat_ttl
 
 log = logging.getLogger("kiosk_cli")
@@ -110,18 +113,19 @@ def cmd_results(args: argparse.Namespace, console: Console) -> int:
     console.print(display.fields_table(args.job, fields))
     failures = zipjobs.decode_failures(fields.get("failures"))
     for child, reason in failures.items():
-        console.print(f"[red]failed[/red] {child}: {reason}", highlight=False)
+        console.print(Text.assemble(("failed", "red"), " ", safe(child), ": ", safe(reason)), highlight=False)
     status_ = fields.get("status", "")
     if status_ == protocol.FAILED:
-        console.print(f"[red]job failed: {fields.get('reason', '') or 'no reason given'}", highlight=False)
+        reason = fields.get("reason", "") or "no reason given"
+        console.print(Text.assemble("job failed: ", safe(reason), style="red"), highlight=False)
         return EXIT_JOB_FAILED
     if status_ != protocol.DONE:
-        console.print(f"job is not finished yet (status {status_})", highlight=False)
+        console.print(Text.assemble("job is not finished yet (status ", safe(status_), ")"), highlight=False)
         return 0
     if not args.no_download:
         storage = connect.storage_for(settings)
         path = results.download_output(storage, args.job, fields, Path(args.out))
-        console.print(f"output saved to {path}", highlight=False)
+        console.print(Text.assemble("output saved to ", safe(path)), highlight=False)
     return 0
 
 
@@ -136,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = Console(stderr=True)
     try:
         return COMMANDS[args.command](args, console)
-    except CliError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+    except CliError as exc:  # messages may quote keys and fields read from Redis
+        errors.print(f"error: {printable(exc, VALUE_LIMIT)}", markup=False, highlight=False, soft_wrap=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         errors.print("interrupted", highlight=False)
@@ -145,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - last resort: one line for the user, traceback in the log
         log.debug("unexpected error", exc_info=True)
         hint = "" if args.debug else " (run with --debug for details)"
-        message = f"error: {type(exc).__name__}: {exc}{hint}"
+        message = f"error: {type(exc).__name__}: {printable(exc, VALUE_LIMIT)}{hint}"
         errors.print(message, markup=False, highlight=False, soft_wrap=True)
         return EXIT_ERROR
 

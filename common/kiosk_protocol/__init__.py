@@ -17,6 +17,11 @@ from typing import Any
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
+    "printable": "errors",
+    "dead_letter_key": "keys",
+    "dead_letter_foreign": "jobs",
+    "FieldTooLarge": "jobs",
+    "NotAJobHash": "jobs",
     "DONE": "fields",
     "FAILED": "fields",
     "FINISHED_STATUSES": "fields",

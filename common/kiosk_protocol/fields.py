@@ -15,7 +15,8 @@ DONE = "done"
 FAILED = "failed"
 FINISHED_STATUSES = frozenset({DONE, FAILED})
 
-#: Fields the Kiosk frontend writes at submission; unset ones are ''.
+#: Fields the Kiosk frontend writes at submission; unset ones are ''. A zip child copies
+#: these, and only these, from its parent.
 SUBMISSION_FIELDS: tuple[str, ...] = (
     "original_name",
     "input_file_name",
@@ -55,26 +56,15 @@ PROGRESS = "progress"
 FAILURES = "failures"
 TOTAL_JOBS = "total_jobs"
 
-#: Parent fields a child must not inherit (they describe the parent's own progress or result).
-CHILD_DROP_FIELDS: frozenset[str] = frozenset(
-    {
-        CHILDREN,
-        CHILDREN_DONE,
-        CHILDREN_FAILED,
-        PROGRESS,
-        FAILURES,
-        TOTAL_JOBS,
-        IDENTITY_STARTED,
-        REASON,
-        "output_url",
-        "output_file_name",
-        FINISHED_AT,
-        "upload_time",
-        "download_time",
-        TOTAL_TIME,
-        UPDATED_BY,
-    }
-)
+#: The zip consumer's own parent fields (lists of child keys): their size is bounded by
+#: MAX_ZIP_MEMBERS, not by MAX_FIELD_BYTES.
+ZIP_PARENT_FIELDS: frozenset[str] = frozenset({CHILDREN, CHILDREN_DONE, CHILDREN_FAILED, FAILURES})
+
+# --- field size ------------------------------------------------------------------------------
+
+#: Default of MAX_FIELD_BYTES: a job with a longer field (other than ZIP_PARENT_FIELDS) fails
+#: before any work. Job fields come from a public web form; a zip fans them out to every child.
+MAX_FIELD_BYTES = 8192
 
 # --- worker heartbeat hash (kiosk:worker:{name}) ---------------------------------------------
 

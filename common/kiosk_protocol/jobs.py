@@ -14,8 +14,45 @@ from typing import Any
 import redis
 
 from kiosk_protocol import registry, scripts
-from kiosk_protocol.fields import DONE, FAILED, NEW, STARTED, SUBMISSION_FIELDS, UPDATED_AT, UPDATED_BY
-from kiosk_protocol.keys import job_key, processing_key, queue_for_file, text, utc_now_iso
+from kiosk_protocol.errors import printable
+from kiosk_protocol.fields import (
+    DONE,
+    FAILED,
+    MAX_FIELD_BYTES,
+    NEW,
+    STARTED,
+    SUBMISSION_FIELDS,
+    UPDATED_AT,
+    UPDATED_BY,
+    ZIP_PARENT_FIELDS,
+)
+from kiosk_protocol.keys import dead_letter_key, job_key, processing_key, queue_for_file, text, utc_now_iso
+
+
+class NotAJobHash(redis.ResponseError):
+    """A queue item names a key that is not a hash (a string, a list...): Redis would answer
+    WRONGTYPE to every job command. It belongs in the queue's dead-letter list."""
+
+    def __init__(self, key: str, kind: str) -> None:
+        super().__init__(f"WRONGTYPE item '{printable(key)}' is a {kind}, not a job hash")
+        self.key = key
+        self.kind = kind
+
+
+class FieldTooLarge(ValueError):
+    """A job field is longer than MAX_FIELD_BYTES; the message is the job's one-line reason."""
+
+    def __init__(self, field: str, size: int, limit: int) -> None:
+        super().__init__(f"job field '{printable(field, 64)}' is {size} bytes, "
+                         f"more than MAX_FIELD_BYTES ({limit})")
+        self.field = field
+        self.size = size
+        self.limit = limit
+
+
+def is_wrong_type(err: BaseException) -> bool:
+    """Redis refused a command because the key holds another type (WRONGTYPE)."""
+    return isinstance(err, redis.ResponseError) and str(err).startswith("WRONGTYPE")
 
 
 def submission_fields(
@@ -88,11 +125,14 @@ class JobStore:
     expire_time: int = 3600
     #: Items left in our processing list after the last ``finish``: more than we knew we held.
     strays: int = 0
+    #: A job with a longer field (except the zip parent's lists of children) fails at ``start``.
+    max_field_bytes: int = MAX_FIELD_BYTES
 
     def __post_init__(self) -> None:
         self._requeue = self.client.register_script(scripts.REQUEUE)
         self._finish = self.client.register_script(scripts.FINISH)
         self._start = self.client.register_script(scripts.START)
+        self._dead_letter = self.client.register_script(scripts.DEAD_LETTER)
 
     # -- queue operations --
 
@@ -129,6 +169,12 @@ class JobStore:
     def release(self, queue: str, key: str) -> None:
         """Drop a job from our processing list without touching its hash."""
         self.client.lrem(processing_key(queue, self.worker), 1, key)
+
+    def dead_letter(self, queue: str, key: str) -> bool:
+        """Move a held item that is not a job hash to ``kiosk:dead-letter:{queue}``; False if
+        we no longer held it."""
+        dest = dead_letter_key(queue)
+        return bool(self._dead_letter(keys=[processing_key(queue, self.worker), dest], args=[key]))
 
     def held(self, queue: str) -> list[str]:
         return [text(k) for k in self.client.lrange(processing_key(queue, self.worker), 0, -1)]
@@ -169,13 +215,21 @@ class JobStore:
     def start(self, key: str, announce: bool = True) -> tuple[dict[str, str] | None, str | None]:
         """Mark a held job started (+identity_started unless ``announce`` is False) in one round
         trip. Returns (its fields, the status it had), or (None, why) when it is to be skipped:
-        the hash is gone or already finished."""
-        reply = self._start(keys=[key], args=[self.worker, STARTED, DONE, FAILED, utc_now_iso(),
-                                              "1" if announce else "0"])
-        if int(reply[0]) == 2:
+        the hash is gone or already finished. Raises NotAJobHash when the key is not a hash
+        and FieldTooLarge when a field is longer than ``max_field_bytes``; neither writes."""
+        args = [self.worker, STARTED, DONE, FAILED, utc_now_iso(), "1" if announce else "0"]
+        if self.max_field_bytes > 0:
+            args += [str(self.max_field_bytes), *sorted(ZIP_PARENT_FIELDS)]
+        reply = self._start(keys=[key], args=args)
+        code = int(reply[0])
+        if code == 2:
             flat = [text(v) for v in reply[1]]
             return dict(zip(flat[0::2], flat[1::2], strict=True)), text(reply[2])
-        return None, "no such job hash" if int(reply[0]) == 0 else f"already {text(reply[1])}"
+        if code == 3:
+            raise NotAJobHash(key, text(reply[1]))
+        if code == 4:
+            raise FieldTooLarge(text(reply[1]), int(reply[2]), self.max_field_bytes)
+        return None, "no such job hash" if code == 0 else f"already {text(reply[1])}"
 
     # -- registry --
 
@@ -186,3 +240,22 @@ class JobStore:
     def unregister(self, queues: Iterable[str]) -> None:
         """Leave the registry on clean exit, once nothing is held."""
         registry.unregister(self.client, self.worker, queues)
+
+
+def dead_letter_foreign(client: redis.Redis, processing: str, queue: str) -> list[tuple[str, str]]:
+    """Move the items of a processing list that are not job hashes to the dead-letter list of
+    ``queue``, each exactly once (racing reclaimers and workers included); returns the
+    (item, type) pairs this call moved. For reclaim, before its items go back to ``queue``."""
+    items = [text(k) for k in client.lrange(processing, 0, -1)]
+    if not items:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for item in items:
+        pipe.type(item)
+    kinds = [text(k) for k in pipe.execute()]
+    script = client.register_script(scripts.DEAD_LETTER)
+    moved = []
+    for item, kind in zip(items, kinds, strict=True):
+        if kind not in ("hash", "none") and int(script(keys=[processing, dead_letter_key(queue)], args=[item])):
+            moved.append((item, kind))
+    return moved

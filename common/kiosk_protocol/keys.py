@@ -7,6 +7,9 @@
   operator find every processing list in O(workers), never SCAN.
 * ``kiosk:worker:{worker}``        hash with the worker's live facts, expires with the heartbeat.
 * ``{model}:{version}``            model metadata cache, field ``metadata``.
+* ``kiosk:dead-letter:{queue}``    list of items taken from ``{queue}`` (or a processing list of
+  it) that were not job hashes (WRONGTYPE: a string, a list...), newest on the left, capped at
+  DEAD_LETTER_MAX; workers and reclaim move them here instead of failing on them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ PROCESSING_PREFIX = "processing-"
 WORKERS_PREFIX = "kiosk:workers:"
 WORKER_INFO_PREFIX = "kiosk:worker:"
 METADATA_FIELD = "metadata"
+DEAD_LETTER_PREFIX = "kiosk:dead-letter:"
+#: The dead-letter list of a queue keeps its newest this many items.
+DEAD_LETTER_MAX = 10000
 
 
 def queue_for_file(queue: str, filename: str) -> str:
@@ -47,6 +53,11 @@ def workers_key(queue: str) -> str:
 
 def worker_info_key(worker: str) -> str:
     return WORKER_INFO_PREFIX + worker
+
+
+def dead_letter_key(queue: str) -> str:
+    """Where items of ``queue`` that are not job hashes go (see the module docstring)."""
+    return DEAD_LETTER_PREFIX + queue
 
 
 def metadata_key(model_name: str, model_version: Any) -> str:

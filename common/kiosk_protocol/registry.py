@@ -27,6 +27,7 @@ HEARTBEAT_SLACK = 3.0
 RECLAIM_TAKEN_ELSEWHERE = 0
 RECLAIM_REQUEUED = 1
 RECLAIM_DROPPED = 2
+RECLAIM_NOT_A_JOB = 3
 
 
 def heartbeat_ttl(interval: float) -> float:
@@ -114,7 +115,7 @@ def measure_depth(client: redis.Redis, queues: Iterable[str], with_info: bool = 
 def reclaim_list(client: redis.Redis, processing: str, queue: str) -> dict[str, int]:
     """Return every item of a dead worker's processing list to its queue, exactly once each."""
     script = client.register_script(scripts.RECLAIM)
-    counts = {"requeued": 0, "dropped": 0, "raced": 0}
+    counts = {"requeued": 0, "dropped": 0, "raced": 0, "not_a_job": 0}
     # LMOVE ... LEFT puts the newest item at the left end. Each reclaimed item is RPUSHed
     # (taken next), so go newest first: the oldest ends up rightmost and is retried first.
     for raw in client.lrange(processing, 0, -1):
@@ -123,6 +124,8 @@ def reclaim_list(client: redis.Redis, processing: str, queue: str) -> dict[str, 
             counts["requeued"] += 1
         elif result == RECLAIM_DROPPED:
             counts["dropped"] += 1
+        elif result == RECLAIM_NOT_A_JOB:
+            counts["not_a_job"] += 1
         else:
             counts["raced"] += 1
     return counts

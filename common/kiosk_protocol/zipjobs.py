@@ -1,20 +1,27 @@
 """Zip parent and child jobs on the wire: how the zip consumer fans an archive out.
 
-The parent hash carries ``children`` (comma-joined child keys), ``children:done``,
-``children:failed``, ``progress`` and at the end ``failures`` (urlencoded ``{child: reason}``);
-children are copies of the parent under ``{child_queue}:{member_path}:{uuid}``. Pure.
+The parent hash carries ``children`` (comma-joined child keys, as Kiosk clients read it),
+``children:done``, ``children:failed``, ``progress`` and at the end ``failures`` (urlencoded
+``{child: reason}``). Children copy the parent's submission fields (``SUBMISSION_FIELDS``
+only) under ``{child_queue}:{member_path}:{parent_id}.{uuid}``: the id part names the parent
+(``parent_id``: the last part of its key), so a key in ``children`` that is not one of the
+parent's own (``foreign_children``) is refused instead of being watched, collected into the
+parent's zip and expired. Member paths never contain KEY_SEPARATOR (``separator_in``). Pure.
 """
 
 from __future__ import annotations
 
+import re
 import urllib.parse
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from kiosk_protocol.fields import CHILD_DROP_FIELDS, DONE, FAILED, NEW
+from kiosk_protocol.fields import DONE, FAILED, NEW, SUBMISSION_FIELDS
 from kiosk_protocol.keys import ZIP_SUFFIX, job_key, utc_now_iso
 
 KEY_SEPARATOR = ","
+_NONCE = re.compile(r"[0-9a-f]{32}")
 
 
 # --- names ------------------------------------------------------------------------------------
@@ -27,9 +34,33 @@ def child_queue_of(queue: str) -> str:
     return queue
 
 
-def child_key(child_queue: str, member_path: str, job_id: str | None = None) -> str:
-    """``{child_queue}:{member_path}:{uuid}``, as the Kiosk names children."""
-    return job_key(child_queue, member_path, job_id)
+def parent_id(parent_key: str) -> str:
+    """The id part of a job key ``{queue}:{image}:{id}`` (the whole key if it has no ':')."""
+    return parent_key.rsplit(":", 1)[-1]
+
+
+def child_key(child_queue: str, member_path: str, parent_key: str, nonce: str | None = None) -> str:
+    """``{child_queue}:{member_path}:{parent_id}.{uuid hex}``: the Kiosk's child key, whose id
+    part also names its parent."""
+    return job_key(child_queue, member_path, f"{parent_id(parent_key)}.{nonce or uuid.uuid4().hex}")
+
+
+def is_child_of(key: str, parent_key: str, child_queue: str) -> bool:
+    """True if ``key`` is one of the keys ``child_key`` makes for this parent and child queue."""
+    if KEY_SEPARATOR in key or not key.startswith(child_queue + ":"):
+        return False
+    owner, dot, nonce = key.rsplit(":", 1)[-1].rpartition(".")
+    return bool(dot) and owner == parent_id(parent_key) and _NONCE.fullmatch(nonce) is not None
+
+
+def foreign_children(parent_key: str, child_queue: str, keys: Iterable[str]) -> list[str]:
+    """The keys in a parent's ``children`` that are not its own children (should be none)."""
+    return [k for k in keys if not is_child_of(k, parent_key, child_queue)]
+
+
+def separator_in(member_path: str) -> bool:
+    """A member path containing KEY_SEPARATOR would split its child key in ``children``."""
+    return KEY_SEPARATOR in member_path
 
 
 def split_keys(text: str | None) -> list[str]:
@@ -64,9 +95,10 @@ def progress_percent(finished: int, total: int) -> int:
 
 def child_fields(parent: Mapping[str, str], input_file_name: str, member_path: str,
                  worker: str, now: str | None = None) -> dict[str, str]:
-    """A child job hash: a copy of the parent with its own input file and status new."""
+    """A child job hash: the parent's submission fields (SUBMISSION_FIELDS, nothing else) with
+    its own input file and status new."""
     stamp = now or utc_now_iso()
-    fields = {k: v for k, v in parent.items() if k not in CHILD_DROP_FIELDS}
+    fields = {k: parent.get(k, "") for k in SUBMISSION_FIELDS}
     fields.update(
         input_file_name=input_file_name,
         original_name=member_path,

@@ -11,7 +11,9 @@ takes the pod lookup as a callable, so the same code serves Kubernetes
 (`kube_pod_alive`) and local mode (the process backend); `reclaim_step` is the
 scaling cycle's pass, at most every RECLAIM_EVERY seconds. Moving each item is one
 atomic Lua call in ``protocol.reclaim_list``, so two reclaimers, or a reclaimer
-racing a worker that is finishing, move every item exactly once.
+racing a worker that is finishing, move every item exactly once. Items that are not
+job hashes (WRONGTYPE) go to the queue's dead-letter list (``kiosk:dead-letter:{queue}``)
+first, with one log line each; the reclaim script itself never drops one either.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from kiosk_operator import metrics
 from kiosk_operator.spec import PoolSpec
 from kiosk_operator.status import PoolState
 from kiosk_protocol import WorkerState
+from kiosk_protocol.errors import printable
+from kiosk_protocol.jobs import dead_letter_foreign
+from kiosk_protocol.keys import dead_letter_key
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,8 @@ class ReclaimReport:
     requeued: int = 0
     dropped: int = 0
     raced: int = 0
+    #: Items that were not job hashes, moved to their queue's dead-letter list.
+    dead_lettered: int = 0
     workers: list[str] = field(default_factory=list)
 
     @property
@@ -106,11 +113,13 @@ class ReclaimReport:
         self.requeued += counts.get("requeued", 0)
         self.dropped += counts.get("dropped", 0)
         self.raced += counts.get("raced", 0)
+        self.dead_lettered += counts.get("not_a_job", 0)
 
     def summary(self) -> str:
         gone = ", ".join(sorted(set(self.workers))[:10])
         dropped = f"; dropped {self.dropped} already finished" if self.dropped else ""
-        return f"returned {self.requeued} items of gone workers ({gone}) to their queues{dropped}"
+        dead = f"; {self.dead_lettered} not job hashes to dead-letter lists" if self.dead_lettered else ""
+        return f"returned {self.requeued} items of gone workers ({gone}) to their queues{dropped}{dead}"
 
 
 def reclaim_queues(
@@ -138,6 +147,7 @@ def reclaim_queues(
     report = ReclaimReport()
     for worker in stranded(workers, now, ttl, pod_alive):
         processing = protocol.processing_key(worker.queue, worker.name)
+        report.dead_lettered += _dead_letter(client, processing, worker.queue)
         counts = protocol.reclaim_list(client, processing, worker.queue)
         report.add(counts)
         protocol.forget_worker(client, worker.queue, worker.name)
@@ -148,11 +158,23 @@ def reclaim_queues(
         keys = scan_processing_lists(client, queues)
         registered = {w.name for w in workers}
         for queue, name in legacy_stranded(keys, queues, registered, pod_alive):
-            counts = protocol.reclaim_list(client, protocol.processing_key(queue, name), queue)
+            processing = protocol.processing_key(queue, name)
+            report.dead_lettered += _dead_letter(client, processing, queue)
+            counts = protocol.reclaim_list(client, processing, queue)
             report.add(counts)
             report.workers.append(name)
             log.info("reclaimed legacy consumer %s on %s: %s", name, queue, counts)
     return report
+
+
+def _dead_letter(client: redis.Redis, processing: str, queue: str) -> int:
+    """Move the items of ``processing`` that are not job hashes to the queue's dead-letter list
+    (before reclaim_list, which would otherwise count them as raced); one log line each."""
+    moved = dead_letter_foreign(client, processing, queue)
+    for item, kind in moved:
+        log.warning("reclaim: %s in %s is a %s, not a job hash; moved it to %s", printable(item),
+                    printable(processing), printable(kind, 20), printable(dead_letter_key(queue)))
+    return len(moved)
 
 
 def reclaim_step(

@@ -20,6 +20,7 @@ from harness.wait import wait_for
 from kiosk_cli import follow, inputs, pools
 from kiosk_cli import status as status_cmd
 from kiosk_cli.errors import CliError
+from kiosk_protocol import zipjobs
 from kiosk_protocol.registry import heartbeat_ttl
 from kiosk_storage import open_storage
 
@@ -390,3 +391,70 @@ def test_status_lists_the_zip_sibling_of_every_worker_queue(redis_client: redis.
     protocol.JobStore(redis_client, "w1").heartbeat(["tracking"], ttl=5)
     queues = status_cmd.discover_queues(redis_client, ["predict"])
     assert queues == ["predict", "predict-zip", "tracking", "tracking-zip"]
+
+
+# --- hostile job fields: never markup, never terminal escapes ----------------------------------
+
+HOSTILE = "[/red][bold]x[/bold] [link=http://evil.example]click[/link] \x1b]0;owned\x07\x1b[2J\x1b[31m"
+
+
+def _assert_plain(stdout: str) -> None:
+    """Everything from Redis was printed as text: no escape sequence or bell reached the terminal,
+    and the markup is shown, not interpreted."""
+    assert "\x1b" not in stdout and "\x07" not in stdout
+    assert "[/red][bold]x[/bold]" in stdout and "[link=http://evil.example]click[/link]" in stdout
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in stdout
+
+
+def test_results_prints_job_fields_as_plain_text(redis_server, redis_client) -> None:
+    key = protocol.submit_job(redis_client, "seg", "uploads/batch.zip")
+    child = "seg:" + HOSTILE + ":1"
+    redis_client.hset(key, mapping={"status": "failed", "reason": HOSTILE, "label": HOSTILE,
+                                    HOSTILE: "a field named by the form",
+                                    "failures": zipjobs.encode_failures({child: HOSTILE})})
+    result = kiosk("results", key, "--no-download", env=cli_env(redis_server))
+    assert result.returncode == 3, result.stderr
+    _assert_plain(result.stdout)
+    assert "job failed: [/red][bold]x[/bold]" in result.stdout
+    assert "failed seg:[/red][bold]x[/bold]" in result.stdout
+
+
+def test_results_caps_huge_fields(redis_server, redis_client) -> None:
+    key = protocol.submit_job(redis_client, "seg", "uploads/x.tif")
+    redis_client.hset(key, mapping={"label": "L" * (1 << 20), "status": "waiting"})
+    result = kiosk("results", key, "--no-download", env=cli_env(redis_server, COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("L") < 5000 and "..." in result.stdout
+
+
+def test_status_prints_worker_facts_as_plain_text(redis_server, redis_client) -> None:
+    store = protocol.JobStore(redis_client, "worker-x")
+    store.heartbeat(["q"], ttl=30, info={"current": HOSTILE, "state": "[/]", "jobs_done": HOSTILE})
+    result = kiosk("status", "--queue", "q", "--no-pools", env=cli_env(redis_server))
+    assert result.returncode == 0, result.stderr
+    _assert_plain(result.stdout)
+    assert "│ [/]" in result.stdout
+
+
+def test_submit_wait_prints_reasons_as_plain_text(redis_server, redis_client, bucket, tmp_path) -> None:
+    image = write_tiff(tmp_path / "[bold]bad.tif")  # a local name is no markup either
+    proc = start_kiosk("submit", str(image), "--queue", "seg", "--wait", "--interval", "0.05",
+                       "--out", str(tmp_path / "out"), env=cli_env(redis_server, bucket))
+    try:
+        worker = FakeWorker(redis_client, bucket)
+        worker.fail("seg", worker.pop("seg"), HOSTILE)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, stderr + stdout
+    _assert_plain(stdout)
+    assert "[bold]bad.tif" in stdout
+
+
+def test_errors_quoting_redis_data_are_one_plain_line(redis_server, redis_client, bucket) -> None:
+    key = protocol.submit_job(redis_client, "seg", "uploads/x.tif")
+    redis_client.hset(key, mapping={"status": "done", "output_file_name": "missing/\x1b[2J\nfake.zip"})
+    result = kiosk("results", key, env=cli_env(redis_server, bucket))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot download missing/\\x1b[2J\\nfake.zip")
+    assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr

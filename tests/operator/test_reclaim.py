@@ -9,6 +9,8 @@ import pytest
 import kiosk_protocol as protocol
 from kiosk_operator import reclaim
 from kiosk_protocol import JobStore, WorkerState
+from kiosk_protocol.jobs import dead_letter_foreign
+from kiosk_protocol.keys import DEAD_LETTER_MAX, dead_letter_key
 
 NOW = 1_000_000.0
 TTL = 10.0
@@ -182,3 +184,49 @@ def test_scan_is_limited_to_the_pattern(redis_client):
     redis_client.rpush("processing-predictx:c", "k")
     redis_client.set("processing-predict:str", "not a list")
     assert reclaim.scan_processing_lists(redis_client, ["predict"]) == ["processing-predict:a"]
+
+
+def test_items_that_are_not_job_hashes_go_to_the_dead_letter_list(redis_client, caplog):
+    """A non-hash key (WRONGTYPE) in a dead worker's list used to be removed by the reclaim
+    script, which then failed: the item was lost and the pass aborted. Now it goes to
+    ``kiosk:dead-letter:{queue}`` with one escaped log line, and the real jobs go back."""
+    keys = _abandoned(redis_client, "dead-wt", 2)
+    processing = protocol.processing_key("predict", "dead-wt")
+    text_key = "predict:\nFAKE-LOG-LINE\x1b[2J:" + "s" * 10_000
+    redis_client.set(text_key, "x")
+    redis_client.sadd("predict:set.png:1", "y")
+    redis_client.lpush(processing, text_key, "predict:set.png:1")
+    with caplog.at_level("WARNING", logger="kiosk_operator.reclaim"):
+        report = reclaim.reclaim_queues(redis_client, ["predict"], lambda n: False, TTL, now=NOW)
+    assert (report.requeued, report.dropped, report.dead_lettered) == (2, 0, 2)
+    assert "2 not job hashes" in report.summary()
+    assert sorted(redis_client.lrange("predict", 0, -1)) == sorted(keys)
+    dead = redis_client.lrange(dead_letter_key("predict"), 0, -1)
+    assert sorted(dead) == sorted([text_key, "predict:set.png:1"])
+    assert not redis_client.exists(processing)
+    lines = [r.getMessage() for r in caplog.records if "not a job hash" in r.getMessage()]
+    assert len(lines) == 2 and all("\n" not in m and "\x1b" not in m and len(m) < 600 for m in lines)
+    assert any("\\nFAKE-LOG-LINE\\x1b[2J" in m for m in lines)
+
+
+def test_the_reclaim_script_never_drops_an_item_that_is_not_a_hash(redis_client):
+    """Also without the dead-letter pass (another reclaimer, an older operator), the script
+    moves a non-hash item to the dead-letter list instead of removing it and failing."""
+    processing = protocol.processing_key("predict", "old")
+    redis_client.set("predict:str.png:1", "x")
+    job = protocol.submit_job(redis_client, "predict", "in/job.png")
+    redis_client.rpop("predict")
+    redis_client.rpush(processing, "predict:str.png:1", job)
+    protocol.reclaim_list(redis_client, processing, "predict")
+    assert redis_client.lrange(dead_letter_key("predict"), 0, -1) == ["predict:str.png:1"]
+    assert redis_client.lrange("predict", 0, -1) == [job] and not redis_client.exists(processing)
+
+
+def test_dead_letter_list_is_capped(redis_client):
+    processing = protocol.processing_key("predict", "flood")
+    names = [f"predict:s{i}:1" for i in range(DEAD_LETTER_MAX + 5)]
+    redis_client.mset({n: "x" for n in names})
+    redis_client.rpush(processing, *names)
+    assert len(dead_letter_foreign(redis_client, processing, "predict")) == len(names)
+    dead = redis_client.lrange(dead_letter_key("predict"), 0, -1)
+    assert len(dead) == DEAD_LETTER_MAX and dead[0] == names[-1]  # the newest are kept

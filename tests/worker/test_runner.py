@@ -17,6 +17,7 @@ import kiosk_protocol as protocol
 from harness.wait import wait_for
 from kiosk_model_server import ModelServer
 from kiosk_model_server.synthetic import make_cells
+from kiosk_protocol.keys import dead_letter_key
 
 
 @pytest.fixture()
@@ -253,3 +254,68 @@ def test_reap_workers_ends_a_worker_its_test_left_running(redis_client, redis_se
     wait_for(lambda: redis_client.exists(protocol.worker_info_key("stray")), 20, "worker registered")
     assert workerkit.reap_workers() == [proc.pid]
     assert proc.returncode is not None and not workerkit.SPAWNED
+
+
+# --- hostile queue items ------------------------------------------------------------------------
+
+
+def test_a_held_item_that_is_not_a_hash_is_dead_lettered_at_start(redis_client, redis_server, model_server,
+                                                                    bucket, queue):
+    """A non-hash key in the worker's processing list (WRONGTYPE to every job command) used to
+    kill the worker at every start. It goes to the dead-letter list, logged in one escaped,
+    shortened line, and the worker goes on with real jobs."""
+    bad = f"{queue}:\nFAKE-LOG-LINE injected\x1b[2J:" + "x" * 100_000
+    redis_client.set(bad, "not a job")
+    redis_client.rpush(protocol.processing_key(queue, "wrongtype-1"), bad)
+    good = _image_job(redis_client, bucket, queue=queue)
+    proc = spawn_worker(worker_env(redis_server, model_server, bucket, QUEUE=queue, WORKER_NAME="wrongtype-1"),
+                        "--max-jobs", "1")
+    code, err = _finish(proc)
+    assert code == 0, err[-3000:]
+    assert redis_client.hget(good, "status") == "done"
+    assert redis_client.lrange(dead_letter_key(queue), 0, -1) == [bad]
+    assert redis_client.llen(protocol.processing_key(queue, "wrongtype-1")) == 0
+    assert redis_client.get(bad) == "not a job"  # kept as it was, for whoever looks into it
+    (line,) = [line for line in err.splitlines() if "not a job hash" in line]
+    assert "\\nFAKE-LOG-LINE injected\\x1b[2J" in line and len(line) < 600
+    assert dead_letter_key(queue) in line
+    assert "\x1b" not in err and not any(line.startswith("FAKE-LOG-LINE") for line in err.splitlines())
+
+
+def test_queue_items_that_are_not_hashes_are_dead_lettered(redis_client, redis_server, model_server,
+                                                            bucket, queue):
+    """Popped non-hash items (a string, a list) are moved to ``kiosk:dead-letter:{queue}`` with
+    one line each; the worker keeps serving the queue and exits cleanly."""
+    text_key, list_key = f"{queue}:a.tif:string", f"{queue}:b.tif:list"
+    redis_client.set(text_key, "x")
+    redis_client.rpush(list_key, "y")
+    redis_client.lpush(queue, text_key, list_key)  # taken first, before the real job
+    good = _image_job(redis_client, bucket, queue=queue)
+    proc = spawn_worker(worker_env(redis_server, model_server, bucket, QUEUE=queue, WORKER_NAME="wrongtype-2"),
+                        "--max-jobs", "10")
+    code, err = _finish(proc)
+    assert code == 0, err[-3000:]
+    assert redis_client.hget(good, "status") == "done", _who(redis_client, good)
+    assert sorted(redis_client.lrange(dead_letter_key(queue), 0, -1)) == sorted([text_key, list_key])
+    assert redis_client.llen(queue) == 0 and redis_client.llen(protocol.processing_key(queue, "wrongtype-2")) == 0
+    assert (redis_client.get(text_key), redis_client.lrange(list_key, 0, -1)) == ("x", ["y"])
+    assert len([line for line in err.splitlines() if "not a job hash" in line]) == 2
+    assert "Traceback" not in err
+
+
+def test_a_job_with_an_oversized_field_fails_before_any_work(redis_client, redis_server, model_server,
+                                                              bucket, queue):
+    key = _image_job(redis_client, bucket, queue=queue)
+    redis_client.hset(key, "label", "L" * 20_000)
+    small = _image_job(redis_client, bucket, "small.tif", queue)
+    redis_client.hset(small, "label", "L" * 20_000)
+    env = worker_env(redis_server, model_server, bucket, QUEUE=queue, WORKER_NAME="cap-1")
+    code, err = _finish(spawn_worker({**env, "MAX_FIELD_BYTES": "32768"}, "--max-jobs", "1"))
+    assert code == 0, err[-3000:]
+    assert redis_client.hget(key, "status") == "done"  # MAX_FIELD_BYTES is honoured
+    code, err = _finish(spawn_worker(env, "--max-jobs", "1"))  # default: 8 KiB
+    assert code == 0, err[-3000:]
+    job = redis_client.hgetall(small)
+    assert job["status"] == "failed", job
+    assert job["reason"] == "job field 'label' is 20000 bytes, more than MAX_FIELD_BYTES (8192)"
+    assert "identity_started" not in job and "download_time" not in job

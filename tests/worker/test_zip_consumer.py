@@ -26,6 +26,10 @@ from kiosk_model_server.synthetic import make_cells
 from kiosk_protocol import zipjobs
 
 N_IMAGES = 4
+#: Fields a segmentation worker writes to a child (beyond the submission fields it was given).
+WORKER_FIELDS = {"identity_started", "updated_by", "output_url", "output_file_name", "finished_at",
+                 "total_time", "download_time", "upload_time", "predict_time", "postprocess_time",
+                 "preprocess_time", "total_jobs", "reason"}
 EXPIRE_TIME = 600
 MAX_ZIP_MEMBERS = 20
 MAX_ZIP_BYTES = 4 << 20
@@ -158,6 +162,7 @@ def test_zip_fans_out_and_collects_every_result(client: redis.Redis, bucket: Pat
     for child in children:
         queue, member, job_id = child.split(":")
         assert queue == "segmentation" and member in images and len(job_id) >= 32
+        assert job_id.startswith(zipjobs.parent_id(key) + ".") and zipjobs.is_child_of(child, key, queue)
 
     job = wait_finished(client, key)
     assert job["status"] == "done", job.get("reason")
@@ -172,6 +177,8 @@ def test_zip_fans_out_and_collects_every_result(client: redis.Redis, bucket: Pat
         assert fields["model_name"] == "segmentation" and fields["original_name"] in images
         assert fields["input_file_name"] != job["input_file_name"]
         assert "children" not in fields
+        copied = set(fields) - WORKER_FIELDS
+        assert copied <= set(protocol.SUBMISSION_FIELDS), copied
         assert 0 < client.ttl(child) <= EXPIRE_TIME  # children expire after finishing
 
     out = Path(job["output_url"])
@@ -223,7 +230,9 @@ def test_corrupt_member_fails_only_its_child(client: redis.Redis, bucket: Path) 
         assert sorted(n.split("/")[0] for n in zf.namelist()) == ["ok_0", "ok_1"]
 
 
-def _assert_rejected(client: redis.Redis, key: str, *words: str) -> str:
+def _assert_rejected(client: redis.Redis, key: str, *words: str, others: tuple[str, ...] = ()) -> str:
+    """The parent failed with a one-line reason naming ``words``; no child exists (``others``:
+    job keys of the test's own on the child queue)."""
     job = wait_finished(client, key)
     assert job["status"] == "failed"
     reason = job["reason"]
@@ -231,7 +240,7 @@ def _assert_rejected(client: redis.Redis, key: str, *words: str) -> str:
     for word in words:
         assert word in reason, reason
     assert client.llen("segmentation") == 0 and not job.get("children")
-    assert not client.keys("segmentation:*")
+    assert sorted(client.keys("segmentation:*")) == sorted(others)
     return reason
 
 
@@ -276,3 +285,38 @@ def test_worker_keeps_going_after_rejections(client: redis.Redis, bucket: Path) 
     job = wait_finished(client, good)
     assert job["status"] == "done" and job["total_jobs"] == "1"
 
+
+
+def test_member_name_injecting_a_job_key_is_refused(client: redis.Redis, bucket: Path) -> None:
+    """A member ``a,<victim key>,z.tif`` would add the victim to the comma-joined ``children``:
+    its result would land in the attacker's zip and its hash would get an EXPIRE."""
+    (bucket / "private").mkdir(parents=True, exist_ok=True)
+    (bucket / "private" / "result.zip").write_bytes(b"somebody else's result")
+    victim = protocol.job_key("segmentation", "private.tif")
+    client.hset(victim, mapping={**protocol.submission_fields("uploads/private.tif", "segmentation"),
+                                 "status": "done", "output_file_name": "private/result.zip"})
+    member = f"a,{victim},z.tif"
+    tiff = tiff_bytes(make_cells((32, 32), n_cells=2, seed=5)[0])
+    key = submit(client, bucket, "inject.zip", {"ok.tif": tiff, member: tiff})
+    reason = _assert_rejected(client, key, member, "','", others=(victim,))
+    assert reason.startswith("zip entry ")
+    assert client.ttl(victim) == -1 and client.hget(victim, "status") == "done"
+
+
+def test_oversized_field_fails_the_parent_before_any_work(client: redis.Redis, bucket: Path) -> None:
+    members = {f"m{i}.tif": tiff_bytes(make_cells((32, 32), n_cells=2, seed=i)[0]) for i in range(MAX_ZIP_MEMBERS)}
+    write_zip(bucket / "uploads" / "big.zip", members)
+    key = protocol.submit_job(client, "segmentation", "uploads/big.zip", model_name="segmentation",
+                              model_version="1", label="L" * (1 << 20))
+    _assert_rejected(client, key, "'label'", str(1 << 20), "MAX_FIELD_BYTES (8192)")
+    assert "identity_started" not in client.hgetall(key)
+
+
+def test_member_with_a_colon_in_its_name_is_processed(client: redis.Redis, bucket: Path) -> None:
+    key = submit(client, bucket, "colon.zip",
+                 {"x:y.tif": tiff_bytes(make_cells((48, 48), n_cells=3, seed=21)[0])})
+    job = wait_finished(client, key)
+    assert job["status"] == "done", job.get("reason")
+    assert job["children:failed"] == "" and len(zipjobs.split_keys(job["children:done"])) == 1
+    with zipfile.ZipFile(job["output_url"]) as zf:
+        assert [n.split("/")[0] for n in zf.namelist()] == ["x:y"]

@@ -98,3 +98,111 @@ def test_zip_on_a_plain_queue_is_refused(redis_client: redis.Redis, tmp_path: Pa
     assert consumer.consume(key, "segmentation") == "failed"
     assert "segmentation-zip" in redis_client.hget(key, "reason")
     assert ZipConsumer.source_queues(["segmentation", "mesmer-zip"]) == ["segmentation-zip", "mesmer-zip"]
+
+
+def _consumer(redis_client: redis.Redis, bucket: Path, name: str) -> tuple[ZipConsumer, protocol.JobStore]:
+    store = protocol.JobStore(redis_client, name, expire_time=EXPIRE_TIME)
+    consumer = ZipConsumer(redis_client, open_storage(f"file://{bucket}"), "segmentation-zip",
+                           settings=load_settings({}), store=store)
+    return consumer, store
+
+
+def _visit(consumer: ZipConsumer, store: protocol.JobStore, key: str) -> str | None:
+    assert store.pop("segmentation-zip", 0) == key
+    return consumer.consume(key, "segmentation-zip")
+
+
+def _victim(redis_client: redis.Redis, bucket: Path) -> str:
+    """Somebody else's finished job, whose result must never reach another job's zip."""
+    (bucket / "secret").mkdir(parents=True, exist_ok=True)
+    (bucket / "secret" / "labels.tif").write_bytes(b"someone else's result")
+    key = protocol.job_key("segmentation", "private.tif")
+    redis_client.hset(key, mapping={**protocol.submission_fields("uploads/private.tif", "segmentation"),
+                                    "status": "done", "output_file_name": "secret/labels.tif"})
+    return key
+
+
+def test_member_name_cannot_inject_another_jobs_key(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A member named ``a,<victim>,z.tif`` would put the victim into the comma-joined
+    ``children``: watched, collected into the attacker's zip and expired. It is refused."""
+    bucket = tmp_path / "bucket"
+    victim = _victim(redis_client, bucket)
+    member = f"a,{victim},z.tif"
+    write_zip(bucket / "uploads" / "inject.zip", {"ok.tif": b"x", member: b"y"})
+    consumer, store = _consumer(redis_client, bucket, "zip-3")
+    key = protocol.submit_job(redis_client, "segmentation", "uploads/inject.zip", "segmentation", "1")
+    assert _visit(consumer, store, key) == "failed"
+    job = redis_client.hgetall(key)
+    assert member in job["reason"] and "','" in job["reason"] and "\n" not in job["reason"]
+    assert "children" not in job and redis_client.llen("segmentation") == 0
+    assert redis_client.ttl(victim) == -1 and redis_client.hget(victim, "status") == "done"
+
+
+def test_forged_children_list_is_refused(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A ``children`` field the parent did not write (here: set in the submission form) names
+    keys that are not its own children: the parent fails, no other job is read or expired."""
+    bucket = tmp_path / "bucket"
+    victim = _victim(redis_client, bucket)
+    write_zip(bucket / "uploads" / "forged.zip", {"ok.tif": b"x"})
+    consumer, store = _consumer(redis_client, bucket, "zip-4")
+    key = protocol.submit_job(redis_client, "segmentation", "uploads/forged.zip", "segmentation", "1",
+                              children=victim, **{"children:done": victim})
+    assert _visit(consumer, store, key) == "failed"
+    job = redis_client.hgetall(key)
+    assert "not its children" in job["reason"] and victim in job["reason"]
+    assert "output_url" not in job and zipjobs.decode_failures(job.get("failures")) == {}
+    assert redis_client.ttl(victim) == -1 and redis_client.hget(victim, "status") == "done"
+    assert not list(bucket.rglob("*_results.zip"))
+
+
+def test_children_copy_only_submission_fields(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """Fan-out copies the Kiosk submission fields, nothing else the parent hash carries."""
+    bucket = tmp_path / "bucket"
+    write_zip(bucket / "uploads" / "copy.zip", {f"m{i}.tif": b"x" for i in range(3)})
+    consumer, store = _consumer(redis_client, bucket, "zip-5")
+    key = protocol.submit_job(redis_client, "segmentation", "uploads/copy.zip", "segmentation", "1",
+                              label="nuclear")
+    redis_client.hset(key, mapping={"notes": "n" * 8000, "x-form-extra": "e" * 8000})  # each under the cap
+    assert _visit(consumer, store, key) == "waiting"
+    children = zipjobs.split_keys(redis_client.hget(key, "children"))
+    assert len(children) == 3
+    for child in children:
+        assert zipjobs.is_child_of(child, key, "segmentation")
+        fields = redis_client.hgetall(child)
+        assert set(fields) == set(protocol.SUBMISSION_FIELDS)
+        assert fields["label"] == "nuclear" and fields["model_name"] == "segmentation"
+        assert redis_client.memory_usage(child) < 4096
+
+
+def test_oversized_field_fails_the_parent_before_any_work(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A 1 MiB field x 100 members used to grow Redis by over 100 MiB: now the parent fails at
+    once with a one-line reason, before it downloads, extracts, uploads or queues anything."""
+    bucket = tmp_path / "bucket"
+    write_zip(bucket / "uploads" / "big.zip", {f"m{i}.tif": b"x" for i in range(100)})
+    consumer, store = _consumer(redis_client, bucket, "zip-6")
+    key = protocol.submit_job(redis_client, "segmentation", "uploads/big.zip", "segmentation", "1",
+                              label="L" * (1 << 20))
+    before = redis_client.info("memory")["used_memory"]
+    assert _visit(consumer, store, key) == "failed"
+    job = redis_client.hgetall(key)
+    assert job["reason"] == f"job field 'label' is {1 << 20} bytes, more than MAX_FIELD_BYTES (8192)"
+    assert "children" not in job and "identity_started" not in job
+    assert redis_client.llen("segmentation") == 0 and not redis_client.keys("segmentation:*")
+    assert redis_client.info("memory")["used_memory"] - before < 1 << 20
+    assert sorted(p.name for p in bucket.rglob("*") if p.is_file()) == ["big.zip"]
+    assert store.held("segmentation-zip") == [] and 0 < redis_client.ttl(key) <= EXPIRE_TIME
+
+
+def test_member_with_a_colon_is_a_relative_name(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """``x:y.png`` is no drive letter: its child is queued like any other."""
+    bucket = tmp_path / "bucket"
+    write_zip(bucket / "uploads" / "colon.zip", {"x:y.png": b"png", "dir/C:z.png": b"png2"})
+    consumer, store = _consumer(redis_client, bucket, "zip-7")
+    key = protocol.submit_job(redis_client, "segmentation", "uploads/colon.zip", "segmentation", "1")
+    assert _visit(consumer, store, key) == "waiting", redis_client.hget(key, "reason")
+    children = zipjobs.split_keys(redis_client.hget(key, "children"))
+    names = sorted(redis_client.hget(c, "original_name") for c in children)
+    assert names == ["dir/C:z.png", "x:y.png"]
+    for child in children:
+        uploaded = bucket / redis_client.hget(child, "input_file_name")
+        assert uploaded.read_bytes() in (b"png", b"png2")

@@ -47,6 +47,9 @@ def patch_declared_size(path: Path, size: int) -> None:
         ("dir/sub/b.png", "dir/sub/b.png"),
         ("./dir//c.tif", "dir/c.tif"),
         ("dir\\d.tif", "dir/d.tif"),
+        ("x:y.png", "x:y.png"),  # a colon is part of a POSIX name, not a drive
+        ("C:x.png", "C:x.png"),
+        ("dir/b:c.tif", "dir/b:c.tif"),
         ("dir/", None),
         (".hidden.tif", None),
         ("dir/.DS_Store", None),
@@ -58,7 +61,9 @@ def test_member_target_keeps_or_skips(name: str, expected: str | None) -> None:
     assert ziparchive.member_target(name) == expected
 
 
-@pytest.mark.parametrize("name", ["../evil.tif", "a/../../evil.tif", "/etc/passwd", "C:/x.tif", "..\\x.tif"])
+@pytest.mark.parametrize("name", ["../evil.tif", "a/../../evil.tif", "/etc/passwd", "C:/x.tif", "..\\x.tif",
+                                  "C:/x.png", "/x.png", "c:\\x.png", "C:", "//server/share/x.png",
+                                  "x/../../y.png"])
 def test_member_target_rejects_escapes(name: str) -> None:
     with pytest.raises(ZipRejected) as err:
         ziparchive.member_target(name)
@@ -68,9 +73,46 @@ def test_member_target_rejects_escapes(name: str) -> None:
 def test_child_queue_and_key() -> None:
     assert zipjobs.child_queue_of("segmentation-zip") == "segmentation"
     assert zipjobs.child_queue_of("predict") == "predict"
-    key = zipjobs.child_key("segmentation", "dir/a.tif", "abc")
-    assert key == "segmentation:dir/a.tif:abc"
-    assert protocol.queue_of_key(zipjobs.child_key("segmentation", "a.tif")) == "segmentation"
+    parent = "segmentation-zip:batch.zip:1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    key = zipjobs.child_key("segmentation", "dir/a.tif", parent, "ab" * 16)
+    assert key == f"segmentation:dir/a.tif:1b4e28ba-2fa1-11d2-883f-0016d3cca427.{'ab' * 16}"
+    assert protocol.queue_of_key(zipjobs.child_key("segmentation", "a.tif", parent)) == "segmentation"
+    assert zipjobs.child_key("segmentation", "a.tif", parent) != zipjobs.child_key("segmentation", "a.tif", parent)
+
+
+def test_child_keys_name_their_parent() -> None:
+    """A key in a parent's ``children`` that the parent did not make is refused: another job's
+    key, a sibling parent's child, a child on another queue, or a forged list entry."""
+    parent = "segmentation-zip:batch.zip:p1"
+    own = [zipjobs.child_key("segmentation", m, parent) for m in ("a.tif", "x:y.png", "d/b.tif")]
+    other_parent = zipjobs.child_key("segmentation", "a.tif", "segmentation-zip:other.zip:p2")
+    victim = protocol.job_key("segmentation", "secret.tif")
+    forged = [
+        victim,
+        other_parent,
+        zipjobs.child_key("tracking", "a.tif", parent),
+        f"segmentation:a.tif:p1.{'z' * 32}",
+        f"segmentation:a.tif:p1.{'a' * 31}",
+        "segmentation:a.tif:p1",
+        f"segmentation:a.tif:xp1.{'a' * 32}",
+        f"segmentation:{victim},x:p1.{'a' * 32}",
+    ]
+    assert zipjobs.foreign_children(parent, "segmentation", own) == []
+    assert zipjobs.foreign_children(parent, "segmentation", own + forged) == forged
+    # The parent's own key, joined and split again, round-trips in the Kiosk's wire format.
+    assert zipjobs.split_keys(zipjobs.join_keys(own)) == own
+
+
+def test_member_names_with_the_key_separator_are_refused(tmp_path: Path) -> None:
+    """``a,<victim key>,z.tif`` would add the victim to the parent's comma-joined children."""
+    victim = protocol.job_key("segmentation", "secret.tif")
+    archive = make_zip(tmp_path / "inject.zip", {"ok.tif": b"x", f"a,{victim},z.tif": b"y"})
+    with pytest.raises(ZipRejected) as err:
+        ziparchive.extract_archive(archive, tmp_path / "out", LIMITS)
+    reason = reason_for(err.value)
+    assert f"'a,{victim},z.tif'" in reason and "','" in reason and "\n" not in reason
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert zipjobs.separator_in("a,b.tif") and not zipjobs.separator_in("a;b.tif")
 
 
 def test_failures_are_urlencoded_like_the_kiosk() -> None:
@@ -97,8 +139,13 @@ def test_progress_percent(finished: int, total: int, pct: int) -> None:
 def test_child_fields_copy_parent_without_its_progress() -> None:
     parent = protocol.submission_fields("uploads/batch.zip", "segmentation", "1")
     parent.update({"status": "waiting", "children": "x,y", "children:done": "x", "progress": "50",
-                   "identity_started": "w0", "reason": "r", "output_url": "u"})
+                   "identity_started": "w0", "reason": "r", "output_url": "u",
+                   "notes": "n" * 4096, "internal:cache": "c" * 4096})
+    del parent["cuts"]
     child = zipjobs.child_fields(parent, "uploads/abc/a.tif", "a.tif", "worker-1")
+    # Only the Kiosk submission fields: nothing else a form (or a parent) carries is fanned out.
+    assert set(child) == set(protocol.SUBMISSION_FIELDS)
+    assert child["cuts"] == ""
     assert child["status"] == protocol.NEW
     assert child["input_file_name"] == "uploads/abc/a.tif"
     assert child["original_name"] == "a.tif"
@@ -135,6 +182,13 @@ def test_extract_skips_dirs_hidden_and_macosx(tmp_path: Path) -> None:
     assert (out / "a.tif").read_bytes() == b"A" * 10
     assert (out / "sub" / "b.png").read_bytes() == b"B" * 20
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a.tif", "b.png"]
+
+
+def test_colon_names_are_extracted_as_relative_files(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "colon.zip", {"x:y.png": b"1", "sub/C:x.png": b"2"})
+    out = tmp_path / "out"
+    assert sorted(ziparchive.extract_archive(archive, out, LIMITS)) == ["sub/C:x.png", "x:y.png"]
+    assert (out / "x:y.png").read_bytes() == b"1" and (out / "sub" / "C:x.png").read_bytes() == b"2"
 
 
 def test_too_many_members_rejected_before_extracting(tmp_path: Path) -> None:

@@ -16,7 +16,13 @@ import os
 import sys
 from typing import Any
 
+from kiosk_protocol.errors import printable
+
 EXIT_CONFIG = 2
+
+
+#: Longest value a log argument shows.
+ARG_LIMIT = 500
 
 
 class _JsonFormatter(logging.Formatter):
@@ -28,8 +34,20 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class _PrintableArgs(logging.Filter):
+    """Job keys and fields come from a public form: a log line shows them escaped and capped,
+    so no field can forge log lines (newlines, ESC) or flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(printable(a, ARG_LIMIT) if isinstance(a, str | bytes) else a
+                                for a in record.args)
+        return True
+
+
 def _setup_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_PrintableArgs())
     handler.setFormatter(_JsonFormatter() if as_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -16,8 +16,11 @@ from typing import Any
 import redis
 
 import kiosk_protocol as protocol
+from kiosk_protocol.errors import printable
 from kiosk_protocol.fields import FINISHED_AT, REASON, STATUS, TOTAL_TIME
-from kiosk_worker.errors import Cancelled
+from kiosk_protocol.jobs import FieldTooLarge, NotAJobHash
+from kiosk_protocol.keys import DEAD_LETTER_PREFIX
+from kiosk_worker.errors import Cancelled, JobError
 from kiosk_worker.work import WorkItem
 
 __all__ = ["JobWriter", "StatusPosts"]
@@ -29,6 +32,8 @@ class JobWriter:
         self.store = store
         self.posts = StatusPosts(client)
         self._cancelled = threading.Event()
+        #: The key ``start`` found not to be a hash: ``skip`` dead-letters it instead of dropping it.
+        self._not_a_job: str | None = None
 
     # -- the cancel guard ------------------------------------------------------------------
 
@@ -53,9 +58,19 @@ class JobWriter:
 
     def start(self, key: str, announce: bool) -> tuple[dict[str, str] | None, str | None]:
         """Mark the job started (+identity_started if ``announce``): (its fields, the status it
-        had), or (None, why) when it is to be skipped."""
+        had), or (None, why) when it is to be skipped; an item that is not a job hash is skipped
+        too, and ``skip`` moves it to the dead-letter list. A field longer than MAX_FIELD_BYTES
+        raises JobError (the job fails with that reason, nothing else was done)."""
         self._guard(key)
-        return self.store.start(key, announce)
+        self._not_a_job = None
+        try:
+            return self.store.start(key, announce)
+        except NotAJobHash as err:
+            self._not_a_job = key
+            return None, (f"not a job hash but a {printable(err.kind, 20)}; moved to the dead-letter "
+                          f"list of its queue ({DEAD_LETTER_PREFIX}{{queue}})")
+        except FieldTooLarge as err:
+            raise JobError(str(err)) from None
 
     def update(self, key: str, data: Mapping[str, Any]) -> None:
         """HSET stamped fields, after every pending post."""
@@ -89,7 +104,12 @@ class JobWriter:
         self.store.requeue(item.queue, item.key, front=False)
 
     def skip(self, item: WorkItem) -> None:
-        """Drop a vanished or finished job from processing without touching its hash."""
+        """Drop a vanished or finished job from processing without touching its hash; an item
+        that is not a job hash goes to ``kiosk:dead-letter:{queue}`` instead."""
+        if self._not_a_job == item.key:  # the base consumer logged why, in one line
+            self._not_a_job = None
+            self.store.dead_letter(item.queue, item.key)
+            return
         self.store.release(item.queue, item.key)
 
     # -- the runner's side -----------------------------------------------------------------

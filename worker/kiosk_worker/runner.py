@@ -32,7 +32,10 @@ import redis
 import kiosk_protocol as protocol
 from kiosk_protocol import errors
 from kiosk_protocol.backoff import jittered_delay
+from kiosk_protocol.errors import printable
 from kiosk_protocol.fields import STATUS
+from kiosk_protocol.jobs import is_wrong_type
+from kiosk_protocol.keys import dead_letter_key
 from kiosk_protocol.settings import Settings
 from kiosk_worker.consumers.base import Consumer
 from kiosk_worker.heartbeat import Heartbeat, WorkerStats
@@ -90,7 +93,8 @@ class Runner:
 
             client = connect(settings.redis_config())
         self.client = client
-        self.store = protocol.JobStore(client, self.name, settings.expire_time)
+        self.store = protocol.JobStore(client, self.name, settings.expire_time,
+                                       max_field_bytes=settings.max_field_bytes)
         self.max_jobs = settings.max_jobs if max_jobs is None else max_jobs
         self._storage = storage
         self.consumer = consumer
@@ -335,17 +339,26 @@ class Runner:
                     "returned to the front of its queue" if returned else "was no longer held")
 
     def _give_back_held(self) -> None:
-        """Return whatever our processing lists hold to the front of their queues."""
+        """Return whatever our processing lists hold to the front of their queues; an item that
+        is not a job hash goes to the queue's dead-letter list instead."""
         for queue in self.queues:
             # Newest first: each is RPUSHed (taken next), so the oldest ends up in front.
             for key in self.store.held(queue):
                 if key == self.stats.current and not self.abandoned:
                     continue
-                status = self.client.hget(key, STATUS)
+                try:
+                    status = self.client.hget(key, STATUS)
+                except redis.ResponseError as err:
+                    if not is_wrong_type(err):
+                        raise
+                    if self.store.dead_letter(queue, key):
+                        log.warning("held item %s is not a job hash; moved it to %s", printable(key),
+                                    printable(dead_letter_key(queue)))
+                    continue
                 if status in protocol.FINISHED_STATUSES:
                     self.store.release(queue, key)
                 elif self.store.requeue(queue, key, front=True):
-                    log.info("returned held item %s to the front of %s", key, queue)
+                    log.info("returned held item %s to the front of %s", printable(key), queue)
 
     # -- Redis trouble -----------------------------------------------------------
     def _redis_trouble(self, err: BaseException) -> None:

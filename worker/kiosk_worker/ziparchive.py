@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 import zipfile
 import zlib
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiosk_protocol import zipjobs
 from kiosk_worker.errors import JobError
 
 __all__ = [
@@ -32,6 +34,9 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 16
+#: A Windows drive: ``C:/...`` or a bare ``C:``. ``C:x.png`` and ``x:y.png`` are ordinary
+#: relative names on POSIX, where members are extracted.
+_DRIVE = re.compile(r"[A-Za-z]:(/|$)")
 
 class ZipRejected(JobError):
     """The archive is unsafe or unusable; the message is the user-facing one-line reason."""
@@ -57,13 +62,14 @@ def member_target(name: str) -> str | None:
     """Safe relative POSIX path for a member, None to skip it silently.
 
     Skipped: directories, hidden files or folders (``.x``), macOS resource forks
-    (``__MACOSX/``). Rejected (ZipRejected): absolute paths, drive letters and
-    anything that climbs out with ``..``.
+    (``__MACOSX/``). Rejected (ZipRejected): absolute paths (``/x``, ``//host/x``), drive
+    letters (``C:/x``, ``C:``) and anything that climbs out with ``..``. A colon elsewhere
+    (``x:y.png``, ``C:x.png``) is part of a relative POSIX name and kept.
     """
     raw = name.replace("\\", "/")
     if raw.endswith("/"):
         return None
-    if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
+    if raw.startswith("/") or _DRIVE.match(raw):
         raise ZipRejected(f"zip entry '{_short(name)}' has an absolute path")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
@@ -88,6 +94,9 @@ def plan_members(infos: Iterable[zipfile.ZipInfo], limits: ZipLimits) -> list[tu
         target = member_target(info.filename)
         if target is None or info.is_dir():
             continue
+        if zipjobs.separator_in(target):
+            raise ZipRejected(f"zip entry '{_short(target)}' has a '{zipjobs.KEY_SEPARATOR}' in its name, "
+                              "which zip jobs do not allow (it separates child job keys)")
         if target in seen:
             raise ZipRejected(f"zip entry '{_short(target)}' appears more than once")
         seen.add(target)

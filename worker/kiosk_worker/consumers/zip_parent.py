@@ -3,12 +3,15 @@
 Parent status order is the Kiosk's: ``new -> waiting -> done``.
 
 * First visit (the parent has no ``children`` yet): download the archive,
-  extract it safely (``zipjobs``: member and size limits, no escaping paths),
-  upload every member, then in ONE Redis transaction write every child hash,
+  extract it safely (``ziparchive``: member and size limits, no escaping paths, no
+  ``,`` in names), upload every member, then in ONE Redis transaction write every
+  child hash (the parent's submission fields only; its id in the child's key),
   push the children onto the child queue (the parent queue without ``-zip``)
   and record ``children`` on the parent. Return ``waiting``: the base class
   puts the parent at the back of its queue.
-* Later visits: read the open children's statuses, update ``children:done``,
+* Later visits: refuse a ``children`` list naming any key that is not one of the
+  parent's own children (``zipjobs.foreign_children``), so no other job is watched,
+  collected or expired. Then read the open children's statuses, update ``children:done``,
   ``children:failed`` and ``progress``; still waiting -> back of the queue
   again. Nothing blocks: between two visits the worker serves other parents
   (the runner does not re-run a job it just put back sooner than
@@ -27,6 +30,7 @@ import uuid
 
 import kiosk_protocol as protocol
 from kiosk_protocol import zipjobs
+from kiosk_protocol.errors import printable
 from kiosk_protocol.fields import (
     CHILDREN,
     CHILDREN_DONE,
@@ -94,7 +98,7 @@ class ZipConsumer(Consumer):
                 subdir = "/".join(p for p in (batch, os.path.dirname(member)) if p)
                 dest, _ = self.storage.upload(local, subdir=subdir)
                 os.remove(local)
-                key = zipjobs.child_key(child_queue, member, uuid.uuid4().hex)
+                key = zipjobs.child_key(child_queue, member, redis_hash)
                 children.append((key, zipjobs.child_fields(job, dest, member, self.name)))
 
         if self.cancelled:  # given back meanwhile: queue nothing, the next owner starts over
@@ -113,13 +117,19 @@ class ZipConsumer(Consumer):
             pipe.hset(key, mapping=fields)
         protocol.push_once(pipe, redis_hash, parent, CHILDREN, child_queue, [k for k, _ in children])
         pipe.execute()
-        self.logger.info("zip %s: %d children queued on %s", redis_hash, len(children), child_queue)
+        self.logger.info("zip %s: %d children queued on %s", printable(redis_hash), len(children),
+                         printable(child_queue))
         return protocol.WAITING
 
     # -- later visits --------------------------------------------------------------------------
 
     def check_children(self, redis_hash: str, job: dict[str, str]) -> str:
         children = zipjobs.split_keys(job.get(CHILDREN))
+        child_queue = zipjobs.child_queue_of(protocol.queue_of_key(redis_hash))
+        foreign = zipjobs.foreign_children(redis_hash, child_queue, children)
+        if foreign:
+            raise JobError(f"the job's children list names {len(foreign)} key(s) that are not its "
+                           f"children, e.g. '{printable(foreign[0], 80)}'")
         done = zipjobs.split_keys(job.get(CHILDREN_DONE))
         failed = zipjobs.split_keys(job.get(CHILDREN_FAILED))
         known = set(done) | set(failed)
@@ -135,7 +145,7 @@ class ZipConsumer(Consumer):
             PROGRESS: tally.progress,
         })
         if not tally.complete:
-            self.logger.debug("zip %s: %d/%d children finished", redis_hash,
+            self.logger.debug("zip %s: %d/%d children finished", printable(redis_hash),
                               tally.total - len(tally.remaining), tally.total)
             return protocol.WAITING
         return self.collect(redis_hash, job, tally)
@@ -166,7 +176,8 @@ class ZipConsumer(Consumer):
                 try:
                     local = self.storage.download(output, os.path.join(self.tempdir, "results", str(i)))
                 except Exception as err:  # one missing result must not sink the whole archive
-                    self.logger.warning("zip %s: result of %s unavailable: %s", redis_hash, key, err)
+                    self.logger.warning("zip %s: result of %s unavailable: %s", printable(redis_hash),
+                                        printable(key), one_line(err))
                     failures[key] = one_line(f"result file unavailable: {reason_for(err)}")
                     continue
                 packed.append((member, local))
@@ -189,7 +200,8 @@ class ZipConsumer(Consumer):
             CHILDREN_FAILED: zipjobs.join_keys(k for k in children if k in failures),
             PROGRESS: 100,
         })
-        self.logger.info("zip %s: %d children done, %d failed", redis_hash, len(done), len(failures))
+        self.logger.info("zip %s: %d children done, %d failed", printable(redis_hash), len(done),
+                         len(failures))
         return self.final_status
 
     def expire_children(self, children: list[str]) -> None:
