@@ -12,8 +12,13 @@ Output URLs are V4 signed URLs, valid SIGNED_URL_EXPIRY seconds. Signing needs
 a private key, or a service-account e-mail plus an access token (GKE workload
 identity signs through the IAM API). When the credentials can do neither
 (anonymous, emulator) the worker falls back to the object's plain media-link
-URL and says so once in the log. STORAGE_PUBLIC=true returns the public URL
-instead; no ACL is ever changed.
+URL and says so once in the log.
+
+STORAGE_PUBLIC=true uploads every object with the predefined ACL ``publicRead``
+(as the Kiosk's GCS backend did) and returns its public URL. A bucket with
+uniform bucket-level access refuses object ACLs; the upload is then repeated
+without one and a warning says once that public access must be granted on the
+bucket (allUsers as Storage Object Viewer).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import logging
+import mimetypes
 import os
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 
 # (connect, read) seconds for each HTTP request.
 TIMEOUT = (5.0, 60.0)
+#: The predefined ACL of STORAGE_PUBLIC uploads.
+PUBLIC_ACL = "publicRead"
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -93,6 +101,7 @@ class GCSStorage(Storage):
         self._client = _quiet(client) if client is not None else None
         self._client_lock = threading.Lock()
         self._warned_unsigned = False
+        self._acl_refused = False  # uniform bucket-level access refused PUBLIC_ACL once: stop asking
 
     @property
     def client(self) -> storage.Client:
@@ -137,10 +146,33 @@ class GCSStorage(Storage):
         self._blob(bucket, key).download_to_file(fh, retry=None, timeout=TIMEOUT)
 
     def _put_file(self, key: str, local_path: str) -> None:
-        self._blob(self.location.bucket, key).upload_from_filename(local_path, retry=None, timeout=TIMEOUT)
+        blob = self._blob(self.location.bucket, key)
+        self._put(lambda acl: blob.upload_from_filename(local_path, retry=None, timeout=TIMEOUT,
+                                                        predefined_acl=acl))
 
     def _put_bytes(self, key: str, data: bytes) -> None:
-        self._blob(self.location.bucket, key).upload_from_string(data, retry=None, timeout=TIMEOUT)
+        blob = self._blob(self.location.bucket, key)
+        content_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        self._put(lambda acl: blob.upload_from_string(data, content_type=content_type, retry=None,
+                                                      timeout=TIMEOUT, predefined_acl=acl))
+
+    def _put(self, put: Any) -> None:
+        """One upload, publicRead when STORAGE_PUBLIC is set and the bucket accepts object ACLs."""
+        if not self.public or self._acl_refused:
+            put(None)
+            return
+        import google.api_core.exceptions as gexc
+        from google.cloud.storage import exceptions as sexc
+
+        try:
+            put(PUBLIC_ACL)
+        except (gexc.BadRequest, sexc.InvalidResponse) as exc:
+            if "uniform bucket-level access" not in str(exc).lower():
+                raise
+            self._acl_refused = True
+            log.warning("storage %s has uniform bucket-level access, which refuses object ACLs: results "
+                        "are uploaded without publicRead; grant allUsers read access on the bucket", self.url)
+            put(None)
 
     def _exists(self, bucket: str, key: str) -> bool:
         return bool(self._blob(bucket, key).exists(retry=None, timeout=TIMEOUT))

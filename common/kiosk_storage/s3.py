@@ -3,13 +3,20 @@
 botocore's own retries are switched off (one attempt per call) so that
 STORAGE_MAX_RETRY/STORAGE_BACKOFF alone bound how long a job waits. An endpoint
 override (STORAGE_ENDPOINT, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL) uses
-path-style addressing, which every S3-compatible server understands. Results
-are shared as presigned GET URLs unless STORAGE_PUBLIC is set; we never set a
-public-read ACL.
+path-style addressing, which every S3-compatible server understands.
+
+Objects are private and shared as presigned GET URLs by default. With
+STORAGE_PUBLIC=true every upload is made publicly readable with the canned ACL
+``public-read`` and the output URL is the plain object URL. A bucket with ACLs
+disabled (Object Ownership "bucket owner enforced", the default of new AWS
+buckets) refuses that ACL; the upload is then repeated without it and a warning
+says once that public access must come from the bucket policy, which is how the
+Kiosk's S3 backend (which never set an ACL) expected public buckets to be made.
 """
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import os
 import shutil
@@ -19,6 +26,12 @@ from urllib.parse import quote, urlsplit
 
 from kiosk_storage.base import Fault, Location, Storage, StorageConfigError
 
+log = logging.getLogger(__name__)
+
+#: The canned ACL of STORAGE_PUBLIC uploads.
+PUBLIC_ACL = "public-read"
+#: The error of a bucket that does not accept ACLs (Object Ownership: bucket owner enforced).
+_ACL_REFUSED = "AccessControlListNotSupported"
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
            "InvalidToken", "AllAccessDisabled", "403", "401"}
@@ -54,6 +67,7 @@ class S3Storage(Storage):
         self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._acl_refused = False  # the bucket refused PUBLIC_ACL once: stop asking
 
     @property
     def client(self) -> Any:
@@ -113,13 +127,33 @@ class S3Storage(Storage):
             shutil.copyfileobj(body, fh, 1 << 20)
 
     def _put_file(self, key: str, local_path: str) -> None:
-        with open(local_path, "rb") as body:
-            self.client.put_object(Bucket=self.location.bucket, Key=key, Body=body,
-                                   ContentType=_content_type(key))
+        def put(acl: dict[str, str]) -> None:
+            with open(local_path, "rb") as body:
+                self.client.put_object(Bucket=self.location.bucket, Key=key, Body=body,
+                                       ContentType=_content_type(key), **acl)
+
+        self._put(put)
 
     def _put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data,
-                               ContentType=_content_type(key))
+        self._put(lambda acl: self.client.put_object(Bucket=self.location.bucket, Key=key, Body=data,
+                                                     ContentType=_content_type(key), **acl))
+
+    def _put(self, put: Any) -> None:
+        """One upload, public-read when STORAGE_PUBLIC is set and the bucket accepts ACLs."""
+        if not self.public or self._acl_refused:
+            put({})
+            return
+        import botocore.exceptions as bce
+
+        try:
+            put({"ACL": PUBLIC_ACL})
+        except bce.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != _ACL_REFUSED:
+                raise
+            self._acl_refused = True
+            log.warning("storage %s does not accept object ACLs (Object Ownership enforced): results are "
+                        "uploaded without public-read; make them public with a bucket policy", self.url)
+            put({})
 
     def _exists(self, bucket: str, key: str) -> bool:
         try:

@@ -174,7 +174,7 @@ class RedisClients:
                     tls_cert_file=files.get("cert", ""),
                     tls_key_file=files.get("key", ""),
                     sentinel_hosts=",".join(sentinel.hosts) if sentinel else "",
-                    sentinel_master=sentinel.master if sentinel else "mymaster",
+                    sentinel_master=sentinel.master if sentinel else "",
                     timeout=self.timeout,
                 )
                 client = self._clients[key] = connect(config)

@@ -7,9 +7,10 @@ Ownership (ownerReferences) is added by the caller with ``kopf.adopt``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from kiosk_operator.spec import PoolSpec, TLSSecretRef
+from kiosk_operator.spec import PoolSpec, PostprocessSpec, TLSSecretRef
 from kiosk_protocol.crd import GROUP
 
 POOL_LABEL = f"{GROUP}/pool"
@@ -24,6 +25,8 @@ REDIS_TLS_VOLUME = "redis-tls"
 REDIS_TLS_DIR = "/etc/kiosk/redis-tls"
 #: Keys of a TLS Secret (kubernetes.io/tls plus ca.crt), as cert-manager writes them.
 TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY = "ca.crt", "tls.crt", "tls.key"
+#: The worker container's Prometheus port (spec.worker.metricsPort); the chart's PodMonitor scrapes it by name.
+METRICS_PORT_NAME = "metrics"
 
 
 def pool_labels(pool_name: str, component: str = WORKER_COMPONENT) -> dict[str, str]:
@@ -87,6 +90,21 @@ def build_volumes(spec: PoolSpec) -> tuple[list[dict[str, Any]], list[dict[str, 
     return [volume], [mount]
 
 
+def postprocess_env(pp: PostprocessSpec) -> dict[str, str]:
+    """spec.worker.postprocess as POSTPROCESS_<FIELD> variables (kiosk_protocol.settings)."""
+    out = {}
+    for f in dataclasses.fields(pp):
+        value = getattr(pp, f.name)
+        if isinstance(value, bool):
+            text = _bool(value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = str(value)
+        out[f"POSTPROCESS_{f.name.upper()}"] = text
+    return out
+
+
 def build_worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
     """The worker's environment: pool settings first, then the user's env (which wins on a clash)."""
     r, ms, st, w = spec.redis, spec.model_server, spec.storage, spec.worker
@@ -116,6 +134,7 @@ def build_worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
     env.append(_value("STORAGE_PUBLIC", _bool(st.public)))
     env.append(_value("GRACE_PERIOD", f"{w.grace_seconds:g}"))
     env.append(_value("HEARTBEAT_INTERVAL", f"{w.heartbeat_interval_seconds:g}"))
+    env += [_value(name, value) for name, value in postprocess_env(w.postprocess).items()]
     user = [dict(item) for item in w.env]
     overridden = {item["name"] for item in user}
     return [item for item in env if item["name"] not in overridden] + user
@@ -129,16 +148,40 @@ def build_env_from(spec: PoolSpec) -> list[dict[str, Any]]:
     return out + [dict(item) for item in spec.worker.env_from]
 
 
+def metrics_port(spec: PoolSpec) -> int:
+    """The port worker pods serve metrics on: spec.worker.metricsPort, unless spec.worker.env sets METRICS_PORT."""
+    for item in spec.worker.env:
+        if item.get("name") == "METRICS_PORT" and str(item.get("value", "")).strip().isdigit():
+            return int(item["value"])
+    return spec.worker.metrics_port
+
+
+def metrics_env_and_ports(spec: PoolSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(METRICS_PORT env unless the user's env sets it, the named container port): pods only.
+
+    Not in ``build_worker_env``: local mode runs several workers on one host, where one port cannot serve all.
+    """
+    port = metrics_port(spec)
+    if not port:
+        return [], []
+    user_set = any(item.get("name") == "METRICS_PORT" for item in spec.worker.env)
+    env = [] if user_set else [_value("METRICS_PORT", port)]
+    return env, [{"name": METRICS_PORT_NAME, "containerPort": port, "protocol": "TCP"}]
+
+
 def _container(
     spec: PoolSpec, extra_env: list[dict[str, Any]] = (), batch: int | None = None
 ) -> dict[str, Any]:
     w = spec.worker
+    metrics_env, ports = metrics_env_and_ports(spec)
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": w.image,
         "imagePullPolicy": w.image_pull_policy,
-        "env": build_worker_env(spec) + list(extra_env),
+        "env": build_worker_env(spec) + metrics_env + list(extra_env),
     }
+    if ports:
+        container["ports"] = ports
     command, args = list(w.command), list(w.args)
     if batch is not None:
         if not command:

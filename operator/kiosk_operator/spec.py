@@ -20,6 +20,7 @@ QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BUCKET_RE = re.compile(r"^(gs|s3|file)://")
 MODES = ("Deployment", "Job")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+MAXIMA_ALGORITHMS = ("h_maxima", "peak_local_max")
 SPEC_SCHEMA = crd.spec_schema()
 
 
@@ -111,6 +112,25 @@ class ScalingSpec:
 
 
 @dataclass(frozen=True)
+class PostprocessSpec:
+    """spec.worker.postprocess: deepcell-toolbox deep_watershed parameters (POSTPROCESS_* in workers)."""
+
+    radius: int = schema_default("worker", "postprocess", "radius")
+    maxima_threshold: float = float(schema_default("worker", "postprocess", "maximaThreshold"))
+    interior_threshold: float = float(schema_default("worker", "postprocess", "interiorThreshold"))
+    maxima_smooth: float = float(schema_default("worker", "postprocess", "maximaSmooth"))
+    interior_smooth: float = float(schema_default("worker", "postprocess", "interiorSmooth"))
+    maxima_index: int = schema_default("worker", "postprocess", "maximaIndex")
+    interior_index: int = schema_default("worker", "postprocess", "interiorIndex")
+    label_erosion: int = schema_default("worker", "postprocess", "labelErosion")
+    small_objects_threshold: int = schema_default("worker", "postprocess", "smallObjectsThreshold")
+    fill_holes_threshold: int = schema_default("worker", "postprocess", "fillHolesThreshold")
+    pixel_expansion: int = schema_default("worker", "postprocess", "pixelExpansion")
+    maxima_algorithm: str = schema_default("worker", "postprocess", "maximaAlgorithm")
+    exclude_border: bool = schema_default("worker", "postprocess", "excludeBorder")
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     image: str
     image_pull_policy: str = schema_default("worker", "imagePullPolicy")
@@ -126,8 +146,10 @@ class WorkerSpec:
     termination_grace_period_seconds: int = schema_default("worker", "terminationGracePeriodSeconds")
     grace_seconds: float = float(schema_default("worker", "graceSeconds"))
     heartbeat_interval_seconds: float = float(schema_default("worker", "heartbeatIntervalSeconds"))
+    metrics_port: int = schema_default("worker", "metricsPort")
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
+    postprocess: PostprocessSpec = field(default_factory=PostprocessSpec)
 
 
 @dataclass(frozen=True)
@@ -330,6 +352,35 @@ def _scaling(data: Mapping[str, Any]) -> ScalingSpec:
     return spec
 
 
+def _signed_int(data: Mapping[str, Any], key: str, path: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{path}.{key}: must be an integer, not {value!r}")
+    return value
+
+
+def _postprocess(data: Mapping[str, Any]) -> PostprocessSpec:
+    p = "spec.worker.postprocess"
+    algorithm = _str(data, "maximaAlgorithm", p)
+    if algorithm not in MAXIMA_ALGORITHMS:
+        raise SpecError(f"{p}.maximaAlgorithm: must be one of {', '.join(MAXIMA_ALGORITHMS)}, not {algorithm!r}")
+    return PostprocessSpec(
+        radius=_int(data, "radius", p, minimum=1),
+        maxima_threshold=_num(data, "maximaThreshold", p, 0.0),
+        interior_threshold=_num(data, "interiorThreshold", p, float("-inf")),
+        maxima_smooth=_num(data, "maximaSmooth", p, 0.0),
+        interior_smooth=_num(data, "interiorSmooth", p, 0.0),
+        maxima_index=_signed_int(data, "maximaIndex", p),
+        interior_index=_signed_int(data, "interiorIndex", p),
+        label_erosion=_int(data, "labelErosion", p),
+        small_objects_threshold=_int(data, "smallObjectsThreshold", p),
+        fill_holes_threshold=_int(data, "fillHolesThreshold", p),
+        pixel_expansion=_int(data, "pixelExpansion", p),
+        maxima_algorithm=algorithm,
+        exclude_border=_bool(data, "excludeBorder", p),
+    )
+
+
 def _worker(data: Mapping[str, Any]) -> WorkerSpec:
     p = "spec.worker"
     image = _str(data, "image", p)
@@ -366,10 +417,13 @@ def _worker(data: Mapping[str, Any]) -> WorkerSpec:
         termination_grace_period_seconds=tgps,
         grace_seconds=grace,
         heartbeat_interval_seconds=_num(data, "heartbeatIntervalSeconds", p, 0.0, exclusive=True),
+        # 0 (off) or a port number.
+        metrics_port=_int(data, "metricsPort", p) and _port(data, "metricsPort", p),
         pod_labels={str(k): str(v) for k, v in _obj(data.get("podLabels"), p + ".podLabels").items()},
         pod_annotations={
             str(k): str(v) for k, v in _obj(data.get("podAnnotations"), p + ".podAnnotations").items()
         },
+        postprocess=_postprocess(_obj(data.get("postprocess"), p + ".postprocess")),
     )
 
 

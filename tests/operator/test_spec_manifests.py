@@ -510,3 +510,110 @@ def test_pool_spec_is_frozen():
     assert isinstance(spec, PoolSpec)
     with pytest.raises(AttributeError):
         spec.queues = ("x",)  # type: ignore[misc]
+
+
+# --- worker metrics port (spec.worker.metricsPort) ---------------------------------------------
+
+
+def _metrics_of(obj: dict) -> tuple[str | None, list[dict]]:
+    _, c = _pod_and_container(obj)
+    return _env(c["env"]).get("METRICS_PORT"), c.get("ports", [])
+
+
+@pytest.mark.parametrize("kind", ["deployment", "job"])
+def test_worker_pods_serve_metrics_on_a_named_port_by_default(kind):
+    default = SPEC_SCHEMA["properties"]["worker"]["properties"]["metricsPort"]["default"]
+    assert isinstance(default, int) and default > 0, "worker metrics are on by default"
+    spec = parse_spec(MINIMAL)
+    assert spec.worker.metrics_port == default == WorkerSpec("i").metrics_port
+    build = manifests.build_deployment if kind == "deployment" else manifests.build_job
+    obj = build("seg", "ns", spec, 0)
+    env, ports = _metrics_of(obj)
+    assert env == str(default)
+    assert ports == [{"name": manifests.METRICS_PORT_NAME, "containerPort": default, "protocol": "TCP"}]
+    # The worker reads the variable as its METRICS_PORT setting.
+    _, c = _pod_and_container(obj)
+    plain = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    assert load_settings(plain).metrics_port == default
+
+
+def test_worker_metrics_port_set_or_off():
+    on = parse_spec({**MINIMAL, "worker": {"image": "w", "metricsPort": 9400}})
+    assert _metrics_of(manifests.build_deployment("p", "n", on, 1)) == (
+        "9400", [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}])
+    off = parse_spec({**MINIMAL, "worker": {"image": "w", "metricsPort": 0}})
+    assert _metrics_of(manifests.build_deployment("p", "n", off, 1)) == (None, [])
+    assert _metrics_of(manifests.build_job("p", "n", off, 1)) == (None, [])
+
+
+def test_metrics_port_in_the_users_env_wins_once():
+    spec = parse_spec({**MINIMAL, "worker": {"image": "w", "env": [{"name": "METRICS_PORT", "value": "9500"}]}})
+    _, c = _pod_and_container(manifests.build_deployment("p", "n", spec, 1))
+    assert [e for e in c["env"] if e["name"] == "METRICS_PORT"] == [{"name": "METRICS_PORT", "value": "9500"}]
+    assert c["ports"] == [{"name": "metrics", "containerPort": 9500, "protocol": "TCP"}]
+
+
+def test_local_mode_env_has_no_metrics_port():
+    """Local mode runs several workers on one host: one METRICS_PORT for all of them would clash."""
+    assert "METRICS_PORT" not in _env(manifests.build_worker_env(parse_spec(MINIMAL)))
+
+
+@pytest.mark.parametrize("value", [-1, 65536, "8000", True, 1.5])
+def test_bad_metrics_port_names_the_field(value):
+    with pytest.raises(SpecError, match=r"^spec\.worker\.metricsPort: "):
+        parse_spec({**MINIMAL, "worker": {"image": "w", "metricsPort": value}})
+
+
+# ---- spec.worker.postprocess: deep-watershed parameters as POSTPROCESS_* worker variables ----
+
+POSTPROCESS_FIELDS = {
+    "radius": 4, "maximaThreshold": 0.25, "interiorThreshold": 0.2, "maximaSmooth": 0.5,
+    "interiorSmooth": 2, "maximaIndex": 1, "interiorIndex": -2, "labelErosion": 1,
+    "smallObjectsThreshold": 15, "fillHolesThreshold": 15, "pixelExpansion": 3,
+    "maximaAlgorithm": "peak_local_max", "excludeBorder": True,
+}
+
+
+def _postprocess_settings(spec: PoolSpec) -> dict:
+    plain = {e["name"]: e["value"] for e in manifests.build_worker_env(spec) if "value" in e}
+    settings = load_settings(plain)
+    return {_snake(k): getattr(settings, "postprocess_" + _snake(k)) for k in POSTPROCESS_FIELDS}
+
+
+def test_postprocess_defaults_are_the_workers_defaults():
+    """The CRD's defaults (deepcell-toolbox's) reach the worker, and equal the worker's own defaults."""
+    env = _env(manifests.build_worker_env(parse_spec(MINIMAL)))
+    assert {name for name in env if name.startswith("POSTPROCESS_")} <= set(ENV_NAMES)
+    assert len([name for name in env if name.startswith("POSTPROCESS_")]) == len(POSTPROCESS_FIELDS)
+    worker_defaults = load_settings({})
+    assert _postprocess_settings(parse_spec(MINIMAL)) == {
+        _snake(k): getattr(worker_defaults, "postprocess_" + _snake(k)) for k in POSTPROCESS_FIELDS}
+    assert _postprocess_settings(parse_spec(MINIMAL))["radius"] == 10
+
+
+def test_postprocess_fields_reach_the_worker():
+    spec = parse_spec({**MINIMAL, "worker": {"image": "w", "postprocess": POSTPROCESS_FIELDS}})
+    assert _postprocess_settings(spec) == {_snake(k): v for k, v in POSTPROCESS_FIELDS.items()}
+    # The user's env still wins over a rendered variable.
+    user = {"image": "w", "postprocess": {"radius": 4}, "env": [{"name": "POSTPROCESS_RADIUS", "value": "7"}]}
+    env = manifests.build_worker_env(parse_spec({**MINIMAL, "worker": user}))
+    assert [e["value"] for e in env if e["name"] == "POSTPROCESS_RADIUS"] == ["7"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("radius", 0), ("radius", 2.5), ("maximaThreshold", -0.1), ("maximaSmooth", -1), ("interiorThreshold", "low"),
+    ("maximaIndex", True), ("labelErosion", -1), ("pixelExpansion", "2"), ("maximaAlgorithm", "watershed"),
+    ("excludeBorder", "yes"),
+])
+def test_bad_postprocess_fields_name_the_field(field, value):
+    with pytest.raises(SpecError) as err:
+        parse_spec({**MINIMAL, "worker": {"image": "w", "postprocess": {field: value}}})
+    assert str(err.value).startswith(f"spec.worker.postprocess.{field}: ") and "\n" not in str(err.value)
+
+
+def test_postprocess_changes_are_drift():
+    want = manifests.build_deployment("seg", "ns", parse_spec(full_spec()), 2)
+    other = full_spec()
+    other["worker"]["postprocess"] = {"interiorThreshold": 0.2}
+    live = manifests.build_deployment("seg", "ns", parse_spec(other), 2)
+    assert drift.deployment_drift(want, live)

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from scipy.optimize import linear_sum_assignment
-from skimage.feature import peak_local_max
-from skimage.segmentation import watershed
 from tensorflow_serving.apis import get_model_metadata_pb2 as tf_md
 from tensorflow_serving.apis import get_model_status_pb2 as tf_st
 from tensorflow_serving.apis import model_service_pb2_grpc as tf_ms_grpc
@@ -32,11 +30,10 @@ from kiosk_worker.tfs.protos import get_model_status_pb2, model_service_pb2_grpc
 
 
 def deep_watershed(foreground: np.ndarray, inner: np.ndarray) -> np.ndarray:
-    """Markers from inner-distance peaks, mask from foreground > 0.5, watershed."""
-    peaks = peak_local_max(inner, min_distance=5, threshold_abs=0.1, exclude_border=False)
-    markers = np.zeros(inner.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    return watershed(-inner, markers, mask=foreground > 0.5)
+    """The worker's own post-processing (deepcell-toolbox's defaults) on one frame."""
+    from kiosk_worker.postprocess import deep_watershed as upstream_watershed
+
+    return upstream_watershed(inner, foreground)
 
 
 def matched_iou(truth: np.ndarray, pred: np.ndarray) -> float:

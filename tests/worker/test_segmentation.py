@@ -213,7 +213,8 @@ BAD_INPUTS = {
     "unknown-model": ("gray", {"model": "no-such-model"}, "not served"),
     "unknown-version": ("gray", {"version": "9"}, "not served"),
     "bad-version": ("gray", {"version": "latest!"}, "model_version"),
-    "no-model": ("gray", {"model": ""}, "model_name"),
+    # No model_name: NUCLEAR_MODEL (NuclearSegmentation:6), which this server does not serve.
+    "no-model": ("gray", {"model": "", "version": ""}, "NUCLEAR_MODEL chose it"),
 }
 
 

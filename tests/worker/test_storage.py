@@ -4,12 +4,16 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -182,18 +186,39 @@ def test_s3_presigned_url_fetchable_over_http(s3_server: MotoS3Server, s3_bucket
         assert resp.headers["Content-Type"] == "image/tiff"
 
 
-def test_s3_public_url_is_unsigned_and_object_not_made_public(
-        s3_server: MotoS3Server, s3_bucket: str, input_file: Path) -> None:
+def _s3_public_grants(server: MotoS3Server, bucket: str, key: str) -> list[dict]:
+    grants = server.client().get_object_acl(Bucket=bucket, Key=key)["Grants"]
+    return [g for g in grants if g.get("Grantee", {}).get("URI", "").endswith("/global/AllUsers")]
+
+
+def _anonymous_get(url: str) -> bytes:
+    """A GET with no credentials at all, as a browser following output_url."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read()
+
+
+def test_s3_public_objects_are_public_read(s3_server: MotoS3Server, s3_bucket: str, input_file: Path) -> None:
+    """STORAGE_PUBLIC=true: every upload gets the canned ACL public-read (as the Kiosk's GCS
+    uploads got publicRead) and anyone can fetch the plain output URL."""
     storage = storage_from_env({"STORAGE_BUCKET": f"s3://{s3_bucket}", "STORAGE_ENDPOINT": s3_server.endpoint,
                                 "STORAGE_PUBLIC": "true"})
     name, url = storage.upload(str(input_file))
-    assert url == f"{s3_server.endpoint}/{s3_bucket}/{name}"
-    grants = s3_server.client().get_object_acl(Bucket=s3_bucket, Key=name)["Grants"]
-    assert not [g for g in grants if "AllUsers" in str(g.get("Grantee", {}).get("URI", ""))]
-    # No public-read ACL is set by us: anonymous access stays with the bucket's policy.
-    with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(url, timeout=10)
+    data_name, data_url = storage.upload_data(PAYLOAD[:1000], "result.zip")
+    assert url == f"{s3_server.endpoint}/{s3_bucket}/{name}" and "X-Amz-Signature" not in url
+    assert _anonymous_get(url) == PAYLOAD
+    assert _anonymous_get(data_url) == PAYLOAD[:1000]
+    for key in (name, data_name):
+        assert [g["Permission"] for g in _s3_public_grants(s3_server, s3_bucket, key)] == ["READ"]
+
+
+def test_s3_private_by_default(s3_server: MotoS3Server, s3_bucket: str, input_file: Path) -> None:
+    storage = storage_from_env({"STORAGE_BUCKET": f"s3://{s3_bucket}", "STORAGE_ENDPOINT": s3_server.endpoint})
+    name, url = storage.upload(str(input_file))
+    assert not _s3_public_grants(s3_server, s3_bucket, name)
+    with pytest.raises(urllib.error.HTTPError) as info:  # the object itself: refused
+        _anonymous_get(f"{s3_server.endpoint}/{s3_bucket}/{name}")
     assert info.value.code == 403
+    assert "X-Amz-Signature" in url and _anonymous_get(url) == PAYLOAD  # the output URL: signed
 
 
 def test_gcs_unsigned_fallback_url_works_against_emulator(
@@ -211,16 +236,52 @@ def test_gcs_unsigned_fallback_url_works_against_emulator(
     assert len(warnings) == 1  # logged once, not per upload
 
 
-def test_gcs_public_url(gcs_server: FakeGcsServer, gcs_bucket: str, input_file: Path) -> None:
+def _gcs_acl(server: FakeGcsServer, bucket: str, key: str) -> list[dict]:
+    blob = server.client().bucket(bucket).blob(key)
+    blob.acl.reload()
+    return [dict(entry) for entry in blob.acl]
+
+
+def test_gcs_public_objects_are_public_read(gcs_server: FakeGcsServer, gcs_bucket: str, input_file: Path) -> None:
+    """STORAGE_PUBLIC=true: uploads carry predefinedAcl=publicRead, as the Kiosk's GCS uploads did."""
     storage = storage_from_env({"STORAGE_BUCKET": f"gs://{gcs_bucket}", "STORAGE_PUBLIC": "true"})
     name, url = storage.upload(str(input_file))
+    data_name, data_url = storage.upload_data(PAYLOAD[:1000], "result.zip")
     assert url == f"{gcs_server.endpoint}/{gcs_bucket}/{name}"
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        assert resp.read() == PAYLOAD
+    assert _anonymous_get(url) == PAYLOAD
+    assert _anonymous_get(data_url) == PAYLOAD[:1000]
+    for key in (name, data_name):
+        assert {"entity": "allUsers", "role": "READER"} in _gcs_acl(gcs_server, gcs_bucket, key)
 
 
-def test_gcs_signed_url_with_service_account_key(gcs_server: FakeGcsServer, gcs_bucket: str) -> None:
-    """Credentials with a private key produce a V4 signed URL (signing is local, no server call)."""
+class TokenServer:
+    """An OAuth token endpoint for service-account credentials: any JWT gets a bearer token."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.dumps({"access_token": "test-token", "expires_in": 3600,
+                                   "token_type": "Bearer"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _service_account_client(endpoint: str, token_uri: str = "http://127.0.0.1:1/token") -> object:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
     from google.cloud import storage as gcs
@@ -231,16 +292,120 @@ def test_gcs_signed_url_with_service_account_key(gcs_server: FakeGcsServer, gcs_
                             serialization.NoEncryption()).decode()
     creds = service_account.Credentials.from_service_account_info({
         "type": "service_account", "client_email": "worker@test.iam.gserviceaccount.com",
-        "private_key": pem, "private_key_id": "1", "token_uri": "http://127.0.0.1:1/token",
-        "project_id": "test",
+        "private_key": pem, "private_key_id": "1", "token_uri": token_uri, "project_id": "test",
     })
-    client = gcs.Client(project="test", credentials=creds,
-                        client_options={"api_endpoint": gcs_server.endpoint})
+    return gcs.Client(project="test", credentials=creds, client_options={"api_endpoint": endpoint})
+
+
+def test_gcs_private_by_default(gcs_server: FakeGcsServer, input_file: Path) -> None:
+    """Default: no allUsers entry on the object, and the output URL is a V4 signed URL."""
+    bucket = gcs_server.create_bucket()
+    tokens = TokenServer()
+    try:
+        client = _service_account_client(gcs_server.endpoint, tokens.url)
+        storage = GCSStorage(parse_bucket_url(f"gs://{bucket}"), client=client, url_expiry=900, max_retry=0)
+        name, url = storage.upload(str(input_file))
+    finally:
+        tokens.stop()
+    assert not [e for e in _gcs_acl(gcs_server, bucket, name) if e["entity"] == "allUsers"]
+    query = parse_qs(urlsplit(url).query)
+    assert "X-Goog-Signature" in query and query["X-Goog-Expires"] == ["900"]
+    assert url.startswith(f"{gcs_server.endpoint}/{bucket}/")
+    assert _anonymous_get(url) == PAYLOAD  # the emulator does not check signatures
+
+
+def test_gcs_signed_url_with_service_account_key(gcs_server: FakeGcsServer, gcs_bucket: str) -> None:
+    """Credentials with a private key produce a V4 signed URL (signing is local, no server call)."""
+    client = _service_account_client(gcs_server.endpoint)
     storage = GCSStorage(parse_bucket_url(f"gs://{gcs_bucket}"), client=client, url_expiry=900)
     query = parse_qs(urlsplit(storage.url_for("out/x.zip")).query)
     assert query["X-Goog-Expires"] == ["900"]
     assert query["X-Goog-Credential"][0].startswith("worker@test.iam.gserviceaccount.com/")
     assert "X-Goog-Signature" in query
+
+
+class AclRefusingProxy:
+    """In front of moto or fake-gcs-server: refuses uploads that carry an object ACL with the
+    cloud's own error (an S3 bucket with Object Ownership "bucket owner enforced", a GCS bucket
+    with uniform bucket-level access); forwards everything else. Neither emulator does this."""
+
+    S3_ERROR = (400, "application/xml", b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>"
+                b"<Code>AccessControlListNotSupported</Code><Message>The bucket does not allow ACLs</Message>"
+                b"<RequestId>1</RequestId><HostId>1</HostId></Error>")
+    GCS_ERROR = (400, "application/json", json.dumps({"error": {
+        "code": 400, "message": "Cannot insert legacy ACL for an object when uniform bucket-level access is "
+        "enabled. Read more at https://cloud.google.com/storage/docs/uniform-bucket-level-access",
+        "errors": [{"message": "Cannot insert legacy ACL", "domain": "global", "reason": "invalid"}]}}).encode())
+
+    def __init__(self, target_port: int, kind: str) -> None:
+        self.refused = 0
+        proxy = self
+        status, content_type, error = self.S3_ERROR if kind == "s3" else self.GCS_ERROR
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _reply(self, code: int, headers: list[tuple[str, str]], data: bytes) -> None:
+                self.send_response(code)
+                for key, value in headers:
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("x-amz-acl") or "predefinedAcl=" in self.path:
+                    proxy.refused += 1
+                    self._reply(status, [("Content-Type", content_type)], error)
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "expect")}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    self._reply(resp.status, resp.getheaders(), resp.read())
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["s3", "gs"])
+def test_public_upload_to_a_bucket_refusing_acls_falls_back_once(
+        kind: str, request: pytest.FixtureRequest, input_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A bucket that refuses object ACLs: the upload is repeated without one, a warning says so once,
+    and later uploads do not ask again (public access then comes from the bucket's own policy)."""
+    server = request.getfixturevalue("s3_server" if kind == "s3" else "gcs_server")
+    bucket = request.getfixturevalue("s3_bucket" if kind == "s3" else "gcs_bucket")
+    proxy = AclRefusingProxy(server.port, kind)
+    try:
+        storage = storage_from_env({"STORAGE_BUCKET": f"{kind}://{bucket}", "STORAGE_ENDPOINT": proxy.endpoint,
+                                    "STORAGE_PUBLIC": "true"})
+        with caplog.at_level(logging.WARNING, logger=f"kiosk_storage.{'s3' if kind == 's3' else 'gcs'}"):
+            first, _ = storage.upload(str(input_file))
+            second, _ = storage.upload_data(b"zip", "result.zip")
+    finally:
+        proxy.stop()
+    assert proxy.refused == 1
+    assert storage.read_bytes(first) == PAYLOAD and storage.read_bytes(second) == b"zip"
+    warnings = [r.getMessage() for r in caplog.records if "ACL" in r.getMessage()]
+    assert len(warnings) == 1 and f"{kind}://{bucket}" in warnings[0]
+    if kind == "s3":
+        assert not _s3_public_grants(server, bucket, first)
 
 
 def test_local_url_is_plain_path_and_escapes_rejected(tmp_path: Path, input_file: Path) -> None:

@@ -57,16 +57,17 @@ def test_needs_tiling():
     ((3, 30, 40), "CYX", (1, 30, 40, 3)),
     ((4, 2, 30, 40), "TCYX", (4, 30, 40, 2)),
     ((30, 40, 5), "YXC", (1, 30, 40, 5)),
-    ((40, 30), "XY", (1, 30, 40, 1)),
+    ((40, 30), "XY", (1, 40, 30, 1)),  # the Kiosk's XY: first axis X, nothing transposed
 ])
 def test_layouts_become_nhwc(shape, order, expected):
     array = np.arange(np.prod(shape)).reshape(shape)
     assert imaging.to_nhwc(array, order).shape == expected
 
 
-def test_transposed_layout_keeps_pixels():
-    array = np.arange(12).reshape(3, 4)  # X=3, Y=4
-    assert np.array_equal(imaging.to_nhwc(array, "XY")[0, ..., 0], array.T)
+def test_xy_orders_keep_the_file_orientation():
+    array = np.arange(12).reshape(3, 4)  # the Kiosk calls the first axis X
+    assert np.array_equal(imaging.to_nhwc(array, "XY")[0, ..., 0], array)
+    assert np.array_equal(imaging.to_nhwc(array, "YX")[0, ..., 0], array)
 
 
 @pytest.mark.parametrize("order", ["YXQ", "YY", "YXC", "CZYXT"])
@@ -77,8 +78,9 @@ def test_bad_dimension_orders_are_rejected(order):
 
 def test_fit_channels_selects_blanks_and_checks_the_model():
     image = np.stack([np.full((4, 4), v) for v in (1, 2, 3)], axis=-1)[np.newaxis]
-    picked = imaging.fit_channels(image, "2,,0", None)
-    assert picked[0, 0, 0].tolist() == [3, 0, 1]
+    assert imaging.fit_channels(image, "2,,0", 3)[0, 0, 0].tolist() == [3, 0, 1]  # blank = zeros
+    assert imaging.fit_channels(image, "2,,0", None)[0, 0, 0].tolist() == [3, 1]  # blank = none
+    assert imaging.fit_channels(image, "0,", 1)[0, 0, 0].tolist() == [1]  # the frontend's "0,"
     assert imaging.fit_channels(image, "1", 1)[0, 0, 0].tolist() == [2]
     with pytest.raises(errors.ModelMismatch, match="3 channel"):
         imaging.fit_channels(image, "", 1)
@@ -144,3 +146,23 @@ def test_password_protected_redis():
             connect(load_settings(env).redis_config()).ping()
     finally:
         server.cleanup()
+
+
+def test_worker_log_lines_show_job_values_escaped_and_capped(capsys):
+    """A job key with a newline and ESC cannot forge a second log line or colour the terminal."""
+    import logging
+
+    from kiosk_worker.__main__ import ARG_LIMIT, _setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        _setup_logging("INFO", as_json=False)
+        logging.getLogger("kiosk_worker.test").warning("skipping %s: %s", "q:a\nFAKE LINE\x1b[31m", "x" * 5000)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "\\nFAKE LINE\\x1b[31m" in err and "\x1b" not in err
+    assert len(err) < ARG_LIMIT + 200

@@ -6,6 +6,11 @@ worker's real post-processing (markers from inner_distance peaks, mask from
 foreground > 0.5, watershed) recovers the cells of ``synthetic.make_cells``.
 ``null`` has the same signature but returns zeros, for throughput benchmarks;
 ``identity`` echoes its input.
+
+The Kiosk's default model names (``KIOSK_MODELS``: NuclearSegmentation, CytoplasmSegmentation,
+PhaseCytoSegmentation, MultiplexSegmentation) are aliases of these stand-ins that also serve
+the version the Kiosk's consumer asks for by default (NUCLEAR_MODEL=NuclearSegmentation:6 ...),
+so a worker with no model settings finds them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "KIOSK_MODELS",
     "IdentityModel",
     "InputError",
     "Model",
@@ -93,20 +99,45 @@ def _intensity_scale(image: np.ndarray) -> float:
 
 
 def segment_frame(image: np.ndarray, threshold: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """(foreground probability, inner distance) of one HxW frame.
+    """(foreground = interior probability, inner distance) of one HxW frame, shaped like a DeepCell
+    model's outputs so that deepcell-toolbox's deep_watershed with its defaults recovers the cells.
 
-    Fixed intensity thresholds rather than per-image statistics, so that
-    tiles of one image give the same answer as the whole image (the worker
-    tiles large images and stitches the outputs).
+    The stand-in finds the cells itself (threshold, brightness-weighted distance, watershed) and
+    then emits what DeepCell models are trained to output for them (deepcell-tf
+    transform_utils): an inner distance of 1 / (1 + 0.1 * squared distance to the cell's centre),
+    and an interior map that is ~1 at least ``INTERIOR_INSET`` pixels inside a cell and ~0
+    elsewhere (deep_watershed's Gaussian blur and 0.01 threshold grow it back to the edge).
+    Fixed intensity thresholds rather than per-image statistics, so that tiles of one image
+    give the same answer as the whole image.
     """
+    from skimage.feature import peak_local_max
+    from skimage.measure import regionprops
+    from skimage.segmentation import find_boundaries, watershed
+
     smooth = ndimage.gaussian_filter(image.astype(np.float64) / _intensity_scale(image), 1.0)
-    foreground = 1.0 / (1.0 + np.exp(-(smooth - threshold) / 0.03))
     mask = smooth > threshold
-    # Distance to the background, weighted by brightness: the intensity valley
-    # between touching cells splits the peak that the distance alone would merge.
     dist = ndimage.distance_transform_edt(mask) * np.clip(smooth, 0.0, None) ** 2
-    inner = np.tanh(ndimage.gaussian_filter(dist, 1.5) / 6.0) * mask
-    return foreground.astype(np.float32), inner.astype(np.float32)
+    ridge = np.tanh(ndimage.gaussian_filter(dist, 1.5) / 6.0) * mask
+    peaks = peak_local_max(ridge, min_distance=5, threshold_abs=0.1, exclude_border=False,
+                           labels=mask.astype(np.int32))
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    cells = watershed(-ridge, markers, mask=mask) if len(peaks) else markers
+    inner = np.zeros(mask.shape, dtype=np.float32)
+    for prop in regionprops(cells):
+        # Centred on the cell's pixel nearest its centroid, so that every cell peaks at exactly 1.
+        d2 = ((prop.coords - prop.centroid) ** 2).sum(axis=1)
+        d2 = ((prop.coords - prop.coords[np.argmin(d2)]) ** 2).sum(axis=1)
+        inner[tuple(prop.coords.T)] = 1.0 / (1.0 + 0.1 * d2)
+    interior = cells > 0
+    for _ in range(INTERIOR_INSET):
+        interior &= ~find_boundaries(np.where(interior, cells, 0), mode="inner")
+    foreground = np.where(interior, 0.98, 0.002)
+    return foreground.astype(np.float32), inner
+
+
+#: Pixels between a cell's edge and its interior in the stand-in's foreground output.
+INTERIOR_INSET = 3
 
 
 @dataclass
@@ -157,10 +188,23 @@ class IdentityModel(Model):
         return {"output": inputs["image"]}
 
 
+#: The Kiosk consumer's default models (its settings.py): name -> (stand-in kind, version).
+KIOSK_MODELS: dict[str, tuple[str, int]] = {
+    "NuclearSegmentation": ("segmentation", 6),
+    "CytoplasmSegmentation": ("segmentation", 5),
+    "PhaseCytoSegmentation": ("segmentation", 0),
+    "MultiplexSegmentation": ("mesmer", 9),
+}
+
+
 def build_model(kind: str, name: str | None = None, versions: tuple[int, ...] = (1,),
                 tile: int | None = None, channels: int | None = None) -> Model:
-    """Model by kind: segmentation (1 channel), mesmer (2 channels), null, identity."""
+    """Model by kind: segmentation (1 channel), mesmer (2 channels), null, identity, or one of
+    ``KIOSK_MODELS`` (its stand-in, serving ``versions`` plus the Kiosk's default version)."""
     name = name or kind
+    if kind in KIOSK_MODELS:
+        kind, default_version = KIOSK_MODELS[kind]
+        versions = tuple(sorted({*versions, default_version}))
     if kind == "segmentation":
         return SegmentationModel(name, versions, channels=channels or 1, tile=tile)
     if kind == "mesmer":
@@ -169,4 +213,5 @@ def build_model(kind: str, name: str | None = None, versions: tuple[int, ...] = 
         return NullModel(name, versions, channels=channels or 1, tile=tile)
     if kind == "identity":
         return IdentityModel(name, versions)
-    raise ValueError(f"unknown model kind '{kind}' (segmentation, mesmer, null, identity)")
+    raise ValueError(f"unknown model kind '{kind}' (segmentation, mesmer, null, identity, "
+                     f"{', '.join(KIOSK_MODELS)})")

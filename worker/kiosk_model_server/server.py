@@ -50,7 +50,8 @@ class ModelServer:
     ``port=0`` picks a free port (read ``.port`` after ``start``). ``models``
     holds Model objects or kind names for ``build_model``. ``fail_next`` and
     ``set_latency`` change behaviour while running; ``calls`` counts RPCs per
-    method so tests can assert how often a client tried.
+    method so tests can assert how often a client tried; ``predicted`` records
+    the model, version and input shapes of the latest Predict calls that reached a model.
     """
 
     def __init__(
@@ -80,6 +81,8 @@ class ModelServer:
         self._stopping = threading.Event()
         self._server: grpc.Server | None = None
         self.calls: collections.Counter[str] = collections.Counter()
+        self.predicted: collections.deque[tuple[str, int, dict[str, tuple[int, ...]]]] = \
+            collections.deque(maxlen=10000)
 
     # -- runtime control -------------------------------------------------
     def fail_next(self, n: int, code: grpc.StatusCode | str = "UNAVAILABLE") -> None:
@@ -208,6 +211,8 @@ class ModelServer:
             model.check(call.inputs)
         except InputError as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        with self._lock:
+            self.predicted.append((model.name, version, {k: tuple(v.shape) for k, v in call.inputs.items()}))
         outputs = model.run(call.inputs)
         if call.output_filter:
             unknown = sorted(set(call.output_filter) - set(outputs))

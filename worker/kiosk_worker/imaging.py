@@ -3,9 +3,18 @@
 Sizes are read from the file header before any pixel is decoded (TIFF, PNG,
 JPEG, NPY), so an oversized image is rejected without allocating it. Loaded
 images are normalised to ``(N, H, W, C)``: N frames (batch/time/z axes
-flattened), C channels, following the job's ``dimension_order`` (e.g. ``YXC``,
-``CYX``, ``ZYX``, ``BYXC``) and ``channels`` (comma-separated indices to keep,
-'' for an all-zero channel) fields.
+flattened), C channels, following the job's ``dimension_order`` and ``channels``.
+
+``dimension_order`` is read as the Kiosk consumer's ``image_dimensions_to_bxyc`` reads
+the orders the Kiosk frontend offers (``XY``, ``BXY``, ``CXY``, ``XYB``, ``XYC``,
+``BXYC``, ``CXYB``): the number of letters must equal the image's rank, B axes go
+first, C last, and the two spatial axes keep their order in the file. Upstream names
+the array's first spatial axis X, so ``XY`` and ``YX`` both mean "rows, then columns
+as stored" and nothing is ever transposed; results come back in the same orientation.
+Our own orders (``YXC``, ``CYX``, ``ZYX``, ``TCYX``, ``BZYXC``: B/T/Z/S/N are batch-like
+axes, flattened into N in order) read the same way; '' guesses a common layout. PNG and
+JPEG images have a channel axis when the order has three letters, as upstream loads them
+(``img_to_array``): a grayscale PNG with ``XYB`` is one batch item of one channel.
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ __all__ = [
     "check_size",
     "detect_format",
     "fit_channels",
+    "frame_count",
     "load_image",
     "read_header",
+    "rescale",
+    "resize_labels",
     "to_nhwc",
 ]
 
@@ -152,11 +164,12 @@ def _jpeg_header(fh: BinaryIO) -> tuple[int, int, int]:
 
 def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order: str = "") -> None:
     """Reject images over the limits using only the header."""
-    shape = info.shape
+    shape = _with_channel_axis(info.format, info.shape, dimension_order)
     if len(shape) < 2:
         raise BadImage(f"image has {len(shape)} dimension(s); at least height and width are needed")
     order = _normalise_order(dimension_order, len(shape)) or _guess_order(len(shape), shape)
-    height, width = shape[order.index("Y")], shape[order.index("X")]
+    rows, cols = _spatial_axes(order)
+    height, width = shape[rows], shape[cols]
     if height > max_height or width > max_width:
         raise ImageTooLarge(
             f"image is {height}x{width} pixels, over the limit of {max_height}x{max_width}"
@@ -170,10 +183,13 @@ def load_image(path: str, max_height: int = 8192, max_width: int = 8192,
     """Header check, then decode; returns the raw array (any rank)."""
     if not os.path.isfile(path):
         raise InputMissing(f"input file not found: {os.path.basename(path)}")
-    if detect_format(path) == "tiff":
+    fmt = detect_format(path)
+    if fmt == "tiff":
         array = _load_tiff(path, max_height, max_width, dimension_order)
     else:
         array = _load_other(path, read_header(path), max_height, max_width, dimension_order)
+        if array.ndim == 2 and len(_with_channel_axis(fmt, array.shape, dimension_order)) == 3:
+            array = array[..., np.newaxis]
     name = os.path.basename(path)
     if array.dtype.kind not in "biuf":
         raise BadImage(f"image '{name}' has unsupported pixel type {array.dtype}")
@@ -230,6 +246,20 @@ def _load_other(path: str, info: ImageInfo, max_height: int, max_width: int,
     return array
 
 
+def _with_channel_axis(fmt: str, shape: tuple[int, ...], dimension_order: str) -> tuple[int, ...]:
+    """A single-band PNG/JPEG has a channel axis when the order has three letters (as upstream's
+    ``img_to_array`` always gives one), so ``XYB`` / ``XYC`` / ``CXY`` work on grayscale PNGs."""
+    if fmt in ("png", "jpeg") and len(shape) == 2 and len((dimension_order or "").strip()) == 3:
+        return (*shape, 1)
+    return tuple(shape)
+
+
+def _spatial_axes(order: str) -> tuple[int, int]:
+    """(rows, columns): the two spatial axes in file order, whichever of X/Y comes first."""
+    first, second = sorted((order.index("Y"), order.index("X")))
+    return first, second
+
+
 def _normalise_order(order: str, ndim: int) -> str:
     """Validate a ``dimension_order`` like 'YXC' / 'CYX' / 'ZYX'; '' means guess."""
     text = (order or "").strip().upper()
@@ -260,32 +290,46 @@ def _guess_order(ndim: int, shape: Sequence[int] | None) -> str:
     raise BadImage(f"image has {ndim} dimensions; expected 2 to 5")
 
 
+def frame_count(shape: Sequence[int], dimension_order: str = "") -> int:
+    """How many (H, W, C) frames ``to_nhwc`` makes of an array of ``shape`` (from a header)."""
+    order = _normalise_order(dimension_order, len(shape)) or _guess_order(len(shape), shape)
+    return int(np.prod([shape[i] for i, a in enumerate(order) if a in _BATCH_AXES], dtype=np.int64))
+
+
 def to_nhwc(array: np.ndarray, dimension_order: str = "") -> np.ndarray:
-    """Any supported layout -> (N, H, W, C), batch-like axes flattened into N."""
+    """Any supported layout -> (N, H, W, C), batch-like axes flattened into N.
+
+    As upstream's ``image_dimensions_to_bxyc`` for its orders: B first, C last, the spatial
+    axes in file order (``XY`` is not transposed).
+    """
     if array.ndim < 2 or array.ndim > 5:
         raise BadImage(f"image has {array.ndim} dimension(s); expected 2 to 5 (e.g. YX, YXC, ZYX)")
     order = _normalise_order(dimension_order, array.ndim) or _guess_order(array.ndim, array.shape)
     if "C" not in order:
         array, order = array[..., np.newaxis], order + "C"
     batch = [i for i, a in enumerate(order) if a in _BATCH_AXES]
-    perm = batch + [order.index("Y"), order.index("X"), order.index("C")]
+    perm = batch + [*_spatial_axes(order), order.index("C")]
     moved = np.transpose(array, perm)
     h, w, c = moved.shape[-3:]
     return moved.reshape((-1, h, w, c))
 
 
 def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -> np.ndarray:
-    """Pick the job's ``channels`` (e.g. '0,1' or ',2' with '' = blank) and match the model.
+    """Pick the job's ``channels`` for one model and match the model's channel count.
 
-    ``model_channels`` None means the model accepts any channel count.
+    ``channels`` as the Kiosk frontend writes it: '0,1', '0,' (one channel: blank entries
+    are positions without a channel), ',2'. Blank entries become all-zero channels only when
+    that is what makes the count match a model with a fixed channel count (e.g. ',2' for a
+    two-channel model: no nuclear channel, channel 2 second); otherwise they are dropped.
+    '' keeps every channel. ``model_channels`` None means the model accepts any count.
     """
     text = (channels or "").strip()
     if text:
-        picked = []
+        entries: list[int | None] = []
         for part in text.split(","):
             part = part.strip()
             if not part:
-                picked.append(np.zeros(image.shape[:-1], dtype=image.dtype))
+                entries.append(None)
                 continue
             try:
                 idx = int(part)
@@ -294,10 +338,47 @@ def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -
             if not 0 <= idx < image.shape[-1]:
                 raise ModelMismatch(
                     f"channels '{channels}' asks for channel {idx} but the image has {image.shape[-1]}")
-            picked.append(image[..., idx])
-        image = np.stack(picked, axis=-1)
+            entries.append(idx)
+        if not (model_channels and len(entries) == model_channels):
+            entries = [e for e in entries if e is not None]
+        if not entries:
+            raise BadImage(f"channels '{channels}' names no channel")
+        blank = np.zeros(image.shape[:-1], dtype=image.dtype)
+        image = np.stack([blank if e is None else image[..., e] for e in entries], axis=-1)
     if model_channels is not None and model_channels > 0 and image.shape[-1] != model_channels:
         raise ModelMismatch(
             f"image has {image.shape[-1]} channel(s) but the model expects {model_channels};"
             " set 'channels' to choose them")
     return image
+
+
+def rescale(image: np.ndarray, scale: float, max_height: int = 8192, max_width: int = 8192) -> np.ndarray:
+    """(N, H, W, C) resized by ``scale`` to (N, int(H*scale), int(W*scale), C), bilinear.
+
+    What the deepcell application does with ``image_mpp = scale * model_mpp``: the image is
+    brought to the model's resolution. 1 returns the image unchanged.
+    """
+    if scale == 1:
+        return image
+    n, h, w, c = image.shape
+    new_h, new_w = int(h * scale), int(w * scale)
+    if new_h < 1 or new_w < 1:
+        raise BadImage(f"scale {scale:g} shrinks the {h}x{w} image to nothing")
+    if new_h > max_height or new_w > max_width:
+        raise ImageTooLarge(f"scale {scale:g} makes the {h}x{w} image {new_h}x{new_w} pixels, over the "
+                            f"limit of {max_height}x{max_width} (MAX_IMAGE_HEIGHT x MAX_IMAGE_WIDTH)")
+    from skimage.transform import resize
+
+    out = resize(image.astype(np.float32, copy=False), (n, new_h, new_w, c), order=1, mode="edge",
+                 preserve_range=True, anti_aliasing=False)
+    return out.astype(np.float32, copy=False)
+
+
+def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N, h, w) labels -> (N, height, width) by nearest neighbour (no new label values)."""
+    _, h, w = labels.shape
+    if (h, w) == (height, width):
+        return labels
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.intp), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.intp), w - 1)
+    return labels[:, rows][:, :, cols]

@@ -1,9 +1,13 @@
 """The segmentation consumer (CONSUMER_TYPE ``segmentation``, alias ``image``).
 
 download -> header check and decode -> (N, H, W, C) with the job's
-dimension_order / channels -> validate against the model signature -> tile if
-the model has a fixed input size -> Predict in batches -> deep watershed ->
-label TIFFs -> zip -> upload -> done.
+dimension_order -> which models on which channels (``model_choice``: the job's
+model, else NUCLEAR_MODEL / CYTOPLASM_MODEL / PHASE_MODEL by ``channels`` position,
+as the Kiosk's consumer) -> resize by the job's ``scale`` -> validate against each
+model's signature -> tile if the model has a fixed input size -> Predict in
+batches -> deep watershed -> labels resized back -> label TIFFs -> zip -> upload
+-> done. Labels keep the input's orientation; several models give one label
+image per channel position, stacked in position order.
 
 Status order: started, pre-processing, predicting, post-processing,
 saving-results, done (the Kiosk's, with post-processing in between).
@@ -16,10 +20,11 @@ from typing import Any
 import numpy as np
 
 import kiosk_protocol as protocol
-from kiosk_worker import imaging, results, tiling
+from kiosk_worker import imaging, model_choice, results, tiling
 from kiosk_worker.consumers.base import TensorFlowServingConsumer
 from kiosk_worker.errors import JobError, ModelMismatch
-from kiosk_worker.postprocess import WatershedParams, label_batch
+from kiosk_worker.model_choice import Step
+from kiosk_worker.postprocess import WatershedParams, label_outputs, params_for
 
 __all__ = ["SegmentationConsumer"]
 
@@ -32,24 +37,36 @@ class SegmentationConsumer(TensorFlowServingConsumer):
 
     watershed = WatershedParams()
     tile_overlap = 0.25
+    #: ``channels`` of a job that names no model and leaves ``channels`` empty.
+    default_channels = "0"
 
     def _consume(self, redis_hash: str) -> str:
-        labels, stem = self.segment(redis_hash)
+        labels, stem = self.segment_channels(redis_hash)
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
-        data = results.zip_arrays_bytes(results.label_members(labels, stem))
+        data = results.zip_arrays_bytes(self.result_members(labels, stem))
         with self.timed("upload_time"):
             dest, url = self.storage.upload_data(data, f"{stem}.zip")
         self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
         return self.final_status
 
     def segment(self, redis_hash: str) -> tuple[np.ndarray, str]:
-        """Download, load, predict and post-process the job's input: (labels, result stem).
+        """Download, load, predict and post-process the job's input: ((N, H, W) labels, stem).
 
         Shared by every consumer that segments before doing its own saving (e.g. tracking);
-        statuses run from pre-processing to post-processing.
+        statuses run from pre-processing to post-processing. The job must run one model
+        (``segment_channels`` for several).
         """
+        labels, stem = self.segment_channels(redis_hash)
+        if labels.shape[-1] != 1:
+            raise JobError(f"channels '{self.job.get('channels', '')}' runs {labels.shape[-1]} models; "
+                           f"this consumer takes one label image per frame: name one channel")
+        return labels[..., 0], stem
+
+    def segment_channels(self, redis_hash: str) -> tuple[np.ndarray, str]:
+        """As ``segment``, with one label channel per model call: ((N, H, W, K) labels, stem)."""
+        from kiosk_worker.tfs.client import ModelNotFound
+
         job = self.job
-        model_name, model_version = job.get("model_name", ""), job.get("model_version", "")
         input_name = job.get("input_file_name", "")
         if not input_name:
             raise JobError("the job names no input file (input_file_name is empty)")
@@ -58,15 +75,34 @@ class SegmentationConsumer(TensorFlowServingConsumer):
         with self.timed("download_time"):
             local = self.storage.readable_path(input_name, self.tempdir)  # read only
         image = self.load(local, job)
-        inputs = self.get_model_metadata(model_name, model_version)
-        image, tile = self.fit_model(image, inputs, job.get("channels", ""), model_name)
+        _, height, width, _ = image.shape
+        steps = self.plan(job, image)
+        scale = model_choice.image_scale(job.get("scale"), self.settings)
+        image = imaging.rescale(image, scale, self.settings.max_image_height, self.settings.max_image_width)
 
-        self.set_status(redis_hash, protocol.PREDICTING)
-        outputs = self.predict(image, model_name, model_version, tile)
+        calls = []
+        for step in steps:
+            model = step.model
+            try:
+                inputs = self.get_model_metadata(model.name, model.version)
+            except ModelNotFound as err:
+                if model.source == "the job":
+                    raise
+                raise JobError(f"{err} (the job names no model; {model.source} chose it for "
+                               f"channels position {step.position})") from None
+            part = image if step.channel is None else image[..., step.channel:step.channel + 1]
+            channels = job.get("channels", "") if step.channel is None else ""
+            part, tile = self.fit_model(part, inputs, channels, model.name)
+            calls.append((model, part, tile))
+
+        # Upstream writes back the scale it used when the job had none.
+        given = (job.get("scale") or "").strip()
+        self.set_status(redis_hash, protocol.PREDICTING, **({} if given else {"scale": f"{scale:g}"}))
+        outputs = [self.predict(part, model.name, model.version, tile) for model, part, tile in calls]
 
         self.set_status(redis_hash, protocol.POST_PROCESSING)
-        labels = self.postprocess(outputs)
-        return labels, results.result_stem(job.get("original_name") or input_name)
+        labels = [imaging.resize_labels(self.postprocess(out), height, width) for out in outputs]
+        return np.stack(labels, axis=-1), results.result_stem(job.get("original_name") or input_name)
 
     # -- steps (overridable) -------------------------------------------------
     def load(self, local_path: str, job: dict[str, str]) -> np.ndarray:
@@ -75,6 +111,14 @@ class SegmentationConsumer(TensorFlowServingConsumer):
         raw = imaging.load_image(local_path, self.settings.max_image_height,
                                  self.settings.max_image_width, order)
         return imaging.to_nhwc(raw, order)
+
+    def plan(self, job: dict[str, str], image: np.ndarray) -> list[Step]:
+        """The model calls for this job's (N, H, W, C) image (``model_choice.plan``)."""
+        return model_choice.plan(job, self.settings, image.shape[-1], self.default_channels)
+
+    def result_members(self, labels: np.ndarray, stem: str) -> dict[str, np.ndarray]:
+        """Zip members of (N, H, W, K) labels, named as the Kiosk named them (results.label_members)."""
+        return results.label_members(labels, stem)
 
     def fit_model(self, image: np.ndarray, inputs: dict[str, dict[str, Any]], channels: str,
                   model_name: str) -> tuple[np.ndarray, tuple[int, int] | None]:
@@ -102,7 +146,4 @@ class SegmentationConsumer(TensorFlowServingConsumer):
                 if out.ndim >= 3 and out.shape[0] == plan.count}
 
     def postprocess(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        if INNER not in outputs or FOREGROUND not in outputs:
-            raise ModelMismatch(f"model outputs {sorted(outputs)}; the segmentation consumer needs "
-                                f"'{INNER}' and '{FOREGROUND}'")
-        return label_batch(outputs[INNER], outputs[FOREGROUND], self.watershed)
+        return label_outputs(outputs, params_for(self.settings, self.job))

@@ -6,6 +6,11 @@ batches, deep watershed), then ``kiosk_worker.tracking`` links the cells
 across frames. The result zip holds ``{stem}_tracked.tif`` (the T x H x W
 label stack, one id per cell over time) and ``lineage.json``
 (id -> frames, parent, daughters, frame_div, capped).
+
+The segmentation model is chosen as for segmentation jobs (``model_choice``): the job's
+``model_name``, else NUCLEAR_MODEL on channel 0 (the Kiosk's tracking consumer segments
+its frames with ``channels='0,,'``), or the one model its ``channels`` position names.
+Movies with more than MAX_IMAGE_FRAMES frames fail, as in the Kiosk.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import numpy as np
 import kiosk_protocol as protocol
 from kiosk_worker import imaging, results, tracking
 from kiosk_worker.consumers.segmentation import SegmentationConsumer
-from kiosk_worker.errors import BadImage
+from kiosk_worker.errors import BadImage, JobError
+from kiosk_worker.model_choice import Step
 
 __all__ = ["TrackingConsumer", "movie_order"]
 
@@ -62,9 +68,21 @@ class TrackingConsumer(SegmentationConsumer):
         order = job.get("dimension_order", "")
         info = imaging.read_header(local_path)
         order = movie_order(len(info.shape), info.shape, order)
+        frames = imaging.frame_count(info.shape, order)
+        if frames > self.settings.max_image_frames:
+            raise BadImage(f"the time-lapse has {frames} frames, over the limit of "
+                           f"{self.settings.max_image_frames} (MAX_IMAGE_FRAMES)")
         raw = imaging.load_image(local_path, self.settings.max_image_height,
                                  self.settings.max_image_width, order)
         return imaging.to_nhwc(raw, order)
+
+    def plan(self, job: dict[str, str], image: np.ndarray) -> list[Step]:
+        """One segmentation model (the tracker follows one label image per frame)."""
+        steps = super().plan(job, image)
+        if len(steps) > 1:
+            raise JobError(f"channels '{job.get('channels', '')}' names {len(steps)} channels to "
+                           "segment; tracking follows one: name one channel")
+        return steps
 
     def save(self, result: tracking.TrackingResult, stem: str) -> list[str]:
         import tifffile
