@@ -22,6 +22,19 @@ def own_namespace() -> str | None:
     return None
 
 
+def excluded_namespaces(own: str | None) -> tuple[str, ...]:
+    """Namespaces a cluster-wide operator refuses to act in: the system ones and its own.
+
+    A pool there could otherwise make the operator act with its cluster-wide rights in
+    kube-system (the admission policy refuses such pools too). kopf still watches every
+    namespace (its namespace globs need cluster scanning, which is off), so the exclusion is
+    the operator's own check: such a pool gets a PolicyViolation condition and nothing else.
+    """
+    from kiosk_operator.policy import SYSTEM_NAMESPACES
+
+    return (*SYSTEM_NAMESPACES, *([own] if own else []))
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiosk-operator", description=__doc__)
     scope = p.add_mutually_exclusive_group()
@@ -32,7 +45,12 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="namespace to watch (repeatable; default: the operator's own namespace)",
     )
-    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    scope.add_argument(
+        "--all-namespaces",
+        "-A",
+        action="store_true",
+        help="watch every namespace except kube-system, kube-public, kube-node-lease and the operator's own",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -66,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import kopf
 
-    from kiosk_operator import handlers, metrics  # noqa: F401  (registers the handlers)
+    from kiosk_operator import handlers, metrics, policy  # noqa: F401  (registers the handlers)
 
+    try:
+        admin_policy = policy.current()
+    except ValueError as exc:  # json.JSONDecodeError too
+        print(f"kiosk-operator: {policy.POLICY_ENV}: {exc}", file=sys.stderr)
+        return 2
     if args.all_namespaces:
-        scope = {"clusterwide": True}
+        scope: dict = {"clusterwide": True}
+        policy.exclude_namespaces(excluded_namespaces(own_namespace()))
     else:
         namespaces = args.namespace or ([own_namespace()] if own_namespace() else [])
         if not namespaces:
@@ -88,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"kiosk-operator: cannot serve metrics on port {args.metrics_port}: {exc.strerror}", file=sys.stderr)
         return 2
-    logging.getLogger("kiosk_operator").info(
-        "watching %s", "all namespaces" if args.all_namespaces else ", ".join(scope["namespaces"])
-    )
+    log = logging.getLogger("kiosk_operator")
+    if args.all_namespaces:
+        log.info("watching all namespaces but %s", ", ".join(policy.excluded_namespaces()))
+    else:
+        log.info("watching %s", ", ".join(scope["namespaces"]))
+    if not admin_policy.configured:
+        log.warning("no admin policy (%s): pool pod fields are not restricted", policy.POLICY_ENV)
     kopf.run(standalone=True, liveness_endpoint=args.liveness or None, **scope)
     return 0
 

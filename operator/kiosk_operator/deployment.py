@@ -1,4 +1,8 @@
-"""The pool's worker Deployment: render it, put back the fields we own, and scale it busy-aware."""
+"""The pool's worker Deployment: render it, put back the fields we own, and scale it busy-aware.
+
+Nothing is created or changed for a pool the admin policy refuses (``refusals``), and a
+``<pool>-worker`` Deployment the pool does not own is never replaced or scaled.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Any
 import kopf
 from kubernetes.client.rest import ApiException
 
-from kiosk_operator import manifests
+from kiosk_operator import manifests, policy
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
 from kiosk_operator.spec import PoolSpec
@@ -18,6 +22,51 @@ log = logging.getLogger("kiosk_operator")
 #: pod-deletion-cost of workers holding an item / idle ones: the ReplicaSet removes idle pods first.
 BUSY_COST = 100_000
 IDLE_COST = -100_000
+
+
+class Refused(kopf.PermanentError):
+    """The operator will not act for this pool: the message names the field (one line per reason)."""
+
+
+def secret_refusals(kube: Kube, ns: str, spec: PoolSpec, pol: policy.Policy) -> list[str]:
+    """Secrets the pool names that exist but have not opted in with policy.SECRET_LABEL.
+
+    The operator reads spec.redis.passwordSecretRef itself: that one is checked under any
+    policy. Under a configured policy the Secrets worker pods are given (credentialsSecretRef,
+    tlsSecretRef) are checked too. A missing Secret is not refused here (it is SecretMissing).
+    """
+    names = []
+    if spec.redis.password_secret_ref:
+        names.append(("spec.redis.passwordSecretRef", spec.redis.password_secret_ref.name))
+    if pol.configured and spec.storage.credentials_secret_ref:
+        names.append(("spec.storage.credentialsSecretRef", spec.storage.credentials_secret_ref))
+    if pol.configured and spec.redis.tls_secret_ref:
+        names.append(("spec.redis.tlsSecretRef", spec.redis.tls_secret_ref.name))
+    out = []
+    for field, name in names:
+        try:
+            secret = kube.read_secret(ns, name)
+        except LookupError:
+            continue
+        if not policy.secret_allowed(secret):
+            out.append(f'{field}: Secret {name!r} is not labelled {policy.SECRET_LABEL}="true"')
+    return out
+
+
+def refusals(kube: Kube, pool: dict[str, Any], spec: PoolSpec) -> list[str]:
+    """Why the operator must not act for this pool under the admin policy; [] when it may."""
+    ns = pool["metadata"]["namespace"]
+    if ns in policy.excluded_namespaces():
+        return [f"metadata.namespace: this operator does not act in namespace {ns!r} (system or its own)"]
+    pol = policy.current()
+    return policy.violations(pol, spec, ns) + secret_refusals(kube, ns, spec, pol)
+
+
+def check_owned(have: dict[str, Any] | None, pool: dict[str, Any]) -> None:
+    """Refused when ``have`` (the live ``<pool>-worker``) exists and the pool does not own it."""
+    if have is not None and not policy.owned_by(have, pool):
+        name = have["metadata"]["name"]
+        raise Refused(f"Deployment {name!r} exists and is not owned by ConsumerPool {pool['metadata']['name']!r}")
 
 
 def render_deployment(pool: dict[str, Any], spec: PoolSpec, replicas: int) -> dict[str, Any]:
@@ -37,8 +86,12 @@ def ensure_deployment(
     """
     meta = pool["metadata"]
     ns, name = meta["namespace"], manifests.deployment_name(meta["name"])
+    refused = refusals(kube, pool, spec)
+    if refused:
+        raise Refused("; ".join(refused))
     if have is ...:
         have = kube.get_deployment(ns, name)
+    check_owned(have, pool)
     if have is None:
         status = pool.get("status") or {}
         replicas = max(
@@ -49,7 +102,9 @@ def ensure_deployment(
         except ApiException as exc:
             if exc.status != 409:  # created concurrently (create handler vs scaling loop): fine
                 raise
-            return "unchanged", kube.get_deployment(ns, name) or {}
+            have = kube.get_deployment(ns, name)
+            check_owned(have, pool)
+            return "unchanged", have or {}
         logger.info("created Deployment %s/%s with %d replicas", ns, name, replicas)
         return "created", created
     want = render_deployment(pool, spec, int(have.get("spec", {}).get("replicas") or 0))

@@ -25,6 +25,12 @@ REDIS_TLS_VOLUME = "redis-tls"
 REDIS_TLS_DIR = "/etc/kiosk/redis-tls"
 #: Keys of a TLS Secret (kubernetes.io/tls plus ca.crt), as cert-manager writes them.
 TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY = "ca.crt", "tls.crt", "tls.key"
+#: The writable scratch directory of worker pods (the root filesystem is read-only).
+TMP_VOLUME, TMP_DIR, TMP_SIZE_LIMIT = "tmp", "/tmp", "1Gi"
+#: The worker images' user (Dockerfile.worker): worker pods run as it by default.
+WORKER_UID = 10001
+#: Ephemeral storage of a worker container unless spec.worker.resources sets it.
+EPHEMERAL_REQUEST, EPHEMERAL_LIMIT = "256Mi", "2Gi"
 #: The worker container's Prometheus port (spec.worker.metricsPort); the chart's PodMonitor scrapes it by name.
 METRICS_PORT_NAME = "metrics"
 
@@ -77,17 +83,55 @@ def redis_tls_file_env(ref: TLSSecretRef) -> dict[str, str]:
 
 
 def build_volumes(spec: PoolSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(pod volumes, container volumeMounts): the TLS Secret, read-only, only the keys in use.
+    """(pod volumes, container volumeMounts): the TLS Secret, /tmp, then spec.worker.volumes.
 
-    Listing the keys keeps other keys of the Secret (a CA's own tls.key, say) out of the pod.
+    The TLS Secret is read-only with only the keys in use: listing them keeps other keys of
+    the Secret (a CA's own tls.key, say) out of the pod.
     """
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
     ref = spec.redis.tls_secret_ref
-    if ref is None:
-        return [], []
-    items = [{"key": key, "path": key} for key in tls_secret_keys(ref)]
-    volume = {"name": REDIS_TLS_VOLUME, "secret": {"secretName": ref.name, "items": items}}
-    mount = {"name": REDIS_TLS_VOLUME, "mountPath": REDIS_TLS_DIR, "readOnly": True}
-    return [volume], [mount]
+    if ref is not None:
+        items = [{"key": key, "path": key} for key in tls_secret_keys(ref)]
+        volumes.append({"name": REDIS_TLS_VOLUME, "secret": {"secretName": ref.name, "items": items}})
+        mounts.append({"name": REDIS_TLS_VOLUME, "mountPath": REDIS_TLS_DIR, "readOnly": True})
+    volumes.append({"name": TMP_VOLUME, "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}})
+    mounts.append({"name": TMP_VOLUME, "mountPath": TMP_DIR})
+    volumes += [dict(v) for v in spec.worker.volumes]
+    mounts += [dict(m) for m in spec.worker.volume_mounts]
+    return volumes, mounts
+
+
+def container_security_context(spec: PoolSpec) -> dict[str, Any]:
+    """The Pod Security Standard ``restricted`` profile, then spec.worker.securityContext on top."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        **spec.worker.security_context,
+    }
+
+
+def pod_security_context(spec: PoolSpec) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "fsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        **spec.worker.pod_security_context,
+    }
+
+
+def container_resources(spec: PoolSpec) -> dict[str, Any]:
+    """spec.worker.resources plus ephemeral-storage requests/limits unless set there."""
+    res = {k: dict(v) for k, v in spec.worker.resources.items() if isinstance(v, dict)}
+    res.setdefault("requests", {}).setdefault("ephemeral-storage", EPHEMERAL_REQUEST)
+    res.setdefault("limits", {}).setdefault("ephemeral-storage", EPHEMERAL_LIMIT)
+    return res
 
 
 def postprocess_env(pp: PostprocessSpec) -> dict[str, str]:
@@ -194,11 +238,9 @@ def _container(
     env_from = build_env_from(spec)
     if env_from:
         container["envFrom"] = env_from
-    if w.resources:
-        container["resources"] = dict(w.resources)
-    mounts = build_volumes(spec)[1]
-    if mounts:
-        container["volumeMounts"] = mounts
+    container["resources"] = container_resources(spec)
+    container["securityContext"] = container_security_context(spec)
+    container["volumeMounts"] = build_volumes(spec)[1]
     return container
 
 
@@ -211,10 +253,17 @@ def build_pod_spec(
         "containers": [_container(spec, extra, batch)],
         "restartPolicy": restart_policy,
         "terminationGracePeriodSeconds": w.termination_grace_period_seconds,
+        # Workers need no Kubernetes API: no token in the pod.
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security_context(spec),
+        "volumes": build_volumes(spec)[0],
     }
-    volumes = build_volumes(spec)[0]
-    if volumes:
-        pod["volumes"] = volumes
+    if w.priority_class_name:
+        pod["priorityClassName"] = w.priority_class_name
+    if w.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = [dict(t) for t in w.topology_spread_constraints]
+    if w.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in w.image_pull_secrets]
     if w.node_selector:
         pod["nodeSelector"] = dict(w.node_selector)
     if w.tolerations:

@@ -22,6 +22,8 @@ MODES = ("Deployment", "Job")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 MAXIMA_ALGORITHMS = ("h_maxima", "peak_local_max")
 SPEC_SCHEMA = crd.spec_schema()
+#: Pod volumes the operator adds itself (manifests.TMP_VOLUME, manifests.REDIS_TLS_VOLUME).
+RESERVED_VOLUMES = frozenset({"tmp", "redis-tls"})
 
 
 def schema_default(*path: str) -> Any:
@@ -150,6 +152,13 @@ class WorkerSpec:
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     postprocess: PostprocessSpec = field(default_factory=PostprocessSpec)
+    security_context: Mapping[str, Any] = field(default_factory=dict)
+    pod_security_context: Mapping[str, Any] = field(default_factory=dict)
+    priority_class_name: str = ""
+    topology_spread_constraints: tuple[Mapping[str, Any], ...] = ()
+    volumes: tuple[Mapping[str, Any], ...] = ()
+    volume_mounts: tuple[Mapping[str, Any], ...] = ()
+    image_pull_secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -400,6 +409,17 @@ def _worker(data: Mapping[str, Any]) -> WorkerSpec:
             f"{p}.graceSeconds ({grace:g}) must be less than {p}.terminationGracePeriodSeconds ({tgps}), "
             "or Kubernetes kills the worker before it can put its item back"
         )
+    volumes, mounts = _list(data, "volumes", p), _list(data, "volumeMounts", p)
+    _named(volumes, p + ".volumes")
+    _named(mounts, p + ".volumeMounts")
+    names = {v["name"] for v in volumes}
+    for reserved in RESERVED_VOLUMES & names:
+        raise SpecError(f"{p}.volumes: the name {reserved!r} is the operator's own")
+    for i, m in enumerate(mounts):
+        if m["name"] not in names:
+            raise SpecError(f"{p}.volumeMounts[{i}].name: {m['name']!r} is not in spec.worker.volumes")
+        if not m.get("mountPath"):
+            raise SpecError(f"{p}.volumeMounts[{i}].mountPath: is required")
     return WorkerSpec(
         image=image.strip(),
         image_pull_policy=policy,
@@ -424,7 +444,27 @@ def _worker(data: Mapping[str, Any]) -> WorkerSpec:
             str(k): str(v) for k, v in _obj(data.get("podAnnotations"), p + ".podAnnotations").items()
         },
         postprocess=_postprocess(_obj(data.get("postprocess"), p + ".postprocess")),
+        security_context=dict(_obj(data.get("securityContext"), p + ".securityContext")),
+        pod_security_context=dict(_obj(data.get("podSecurityContext"), p + ".podSecurityContext")),
+        priority_class_name=_str(data, "priorityClassName", p),
+        topology_spread_constraints=_list(data, "topologySpreadConstraints", p),
+        volumes=volumes,
+        volume_mounts=mounts,
+        image_pull_secrets=tuple(_pull_secret(s, i) for i, s in enumerate(_list(data, "imagePullSecrets", p))),
     )
+
+
+def _pull_secret(item: Any, i: int) -> str:
+    name = item.get("name") if isinstance(item, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"spec.worker.imagePullSecrets[{i}].name: is required")
+    return name
+
+
+def _named(items: tuple[Any, ...], path: str) -> None:
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or not item.get("name"):
+            raise SpecError(f"{path}[{i}].name: is required")
 
 
 def _reclaim(data: Mapping[str, Any]) -> ReclaimSpec:

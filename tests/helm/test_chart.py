@@ -194,7 +194,7 @@ def test_default_render(tmp_path: Path) -> None:
     docs = render(tmp_path, crds=True)
     kinds = by_kind(docs)
     assert sorted(kinds) == ["CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service",
-                             "ServiceAccount"]
+                             "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     assert kinds["CustomResourceDefinition"] == [CRD_SOURCE]  # from crds/, once
     assert "CustomResourceDefinition" not in by_kind(render(tmp_path))  # crds.install is off
     (deployment,) = kinds["Deployment"]
@@ -911,3 +911,43 @@ def test_readme_metrics_queries_use_real_series() -> None:
     assert used <= known, sorted(used - known)
     for kind in ("operator", "worker"):
         assert any(name.startswith(f"kiosk_{'pool' if kind == 'operator' else 'worker'}_") for name in used), kind
+
+
+# --- the admin policy ---------------------------------------------------------------------------
+
+
+def test_policy_reaches_the_operator_and_the_admission_policy(tmp_path: Path) -> None:
+    from kiosk_operator import policy
+
+    values = {"policy": {"allowedImagePrefixes": ["registry.example.com/kiosk/"], "allowEnvFrom": True}}
+    docs = render(tmp_path, values, namespace="team-a")
+    env = {e["name"]: e.get("value") for e in operator_container(docs)["env"]}
+    pol = policy.load_policy({policy.POLICY_ENV: env[policy.POLICY_ENV]})
+    assert pol.allowed_image_prefixes == ("registry.example.com/kiosk/",) and pol.allow_env_from
+    assert not pol.allow_value_from and pol.configured
+    (vap,) = by_kind(docs)["ValidatingAdmissionPolicy"]
+    expressions = " ".join(v["expression"] for v in vap["spec"]["validations"])
+    assert "'registry.example.com/kiosk/'" in expressions and "envFrom" not in expressions
+    (binding,) = by_kind(docs)["ValidatingAdmissionPolicyBinding"]
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    (match,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert match["values"] == ["team-a"]
+    # Default: the operator's policy is the one the chart documents.
+    default_env = {e["name"]: e.get("value") for e in operator_container(render(tmp_path))["env"]}
+    assert policy.load_policy({policy.POLICY_ENV: default_env[policy.POLICY_ENV]}) == policy.Policy()
+    assert "ValidatingAdmissionPolicy" not in by_kind(render(tmp_path, {"admissionPolicy": {"enabled": False}}))
+    old = helm("template", "kiosk", str(CHART), "--kube-version", "1.29.0").stdout
+    assert "kind: ValidatingAdmissionPolicy" not in old and "KIOSK_POLICY" in old  # the operator still checks
+
+
+def test_cluster_wide_admission_refuses_system_namespaces_and_its_own(tmp_path: Path) -> None:
+    docs = render(tmp_path, VARIANTS["cluster-wide"], namespace="kiosk")
+    (vap,) = by_kind(docs)["ValidatingAdmissionPolicy"]
+    first = vap["spec"]["validations"][0]["expression"]
+    for ns in ("kube-system", "kube-public", "kube-node-lease", "kiosk"):
+        assert f"'{ns}'" in first
+    (binding,) = by_kind(docs)["ValidatingAdmissionPolicyBinding"]
+    assert "matchResources" not in binding["spec"]  # every namespace
+    namespaced = by_kind(render(tmp_path, namespace="kiosk"))["ValidatingAdmissionPolicy"][0]
+    assert "'kiosk'" not in namespaced["spec"]["validations"][0]["expression"]

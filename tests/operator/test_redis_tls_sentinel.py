@@ -266,9 +266,11 @@ def _kubelet_mount(pod: dict, secret: dict, root: Path) -> dict[str, str]:
 
     Returns mountPath -> local directory, to translate the env's paths.
     """
-    volumes = {v["name"]: v["secret"] for v in pod["volumes"]}
+    volumes = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}  # not the /tmp emptyDir
     mounts = {}
     for mount in pod["containers"][0]["volumeMounts"]:
+        if mount["name"] not in volumes:
+            continue
         source = volumes[mount["name"]]
         assert source["secretName"] == secret["metadata"]["name"] and mount["readOnly"] is True
         where = root / mount["name"]

@@ -341,12 +341,19 @@ def test_build_deployment():
     c = pod["containers"][0]
     assert c["image"] == "kiosk-worker:2" and c["imagePullPolicy"] == "Always"
     assert c["envFrom"] == [{"secretRef": {"name": "gcs"}}, {"configMapRef": {"name": "extra"}}]
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["resources"] == {
+        "limits": {"nvidia.com/gpu": 1, "ephemeral-storage": manifests.EPHEMERAL_LIMIT},
+        "requests": {"ephemeral-storage": manifests.EPHEMERAL_REQUEST},
+    }
     assert "command" not in c and "args" not in c
     assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["serviceAccountName"] == "worker" and pod["terminationGracePeriodSeconds"] == 60
     assert pod["restartPolicy"] == "Always"
     assert manifests.label_selector("seg") == ",".join(f"{k}={v}" for k, v in sel.items())
+
+
+TMP_VOLUME = {"name": "tmp", "emptyDir": {"sizeLimit": manifests.TMP_SIZE_LIMIT}}
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
 def _tls_spec(client_certificate: bool | None = None, env: list | None = None) -> PoolSpec:
@@ -373,10 +380,12 @@ def test_tls_secret_mounted_read_only_with_only_the_ca(kind):
         {
             "name": manifests.REDIS_TLS_VOLUME,
             "secret": {"secretName": "redis-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
-        }
+        },
+        TMP_VOLUME,
     ]
     assert c["volumeMounts"] == [
-        {"name": manifests.REDIS_TLS_VOLUME, "mountPath": manifests.REDIS_TLS_DIR, "readOnly": True}
+        {"name": manifests.REDIS_TLS_VOLUME, "mountPath": manifests.REDIS_TLS_DIR, "readOnly": True},
+        TMP_MOUNT,
     ]
     env = _env(c["env"])
     assert env["REDIS_TLS"] == "true"
@@ -403,7 +412,7 @@ def test_tls_user_env_wins_and_no_volume_without_secret_ref():
     assert [e["value"] for e in c["env"] if e["name"] == "REDIS_TLS_CA_FILE"] == ["/custom/ca.pem"]
     plain = parse_spec({**MINIMAL, "redis": {"tls": True}})
     pod, c = _pod_and_container(manifests.build_deployment("seg", "ns", plain, 1))
-    assert "volumes" not in pod and "volumeMounts" not in c
+    assert pod["volumes"] == [TMP_VOLUME] and c["volumeMounts"] == [TMP_MOUNT]
     assert not any(e["name"].startswith("REDIS_TLS_") for e in c["env"])
 
 
@@ -437,9 +446,11 @@ def _api_defaulted(dep: dict) -> dict:
     pod["dnsPolicy"] = "ClusterFirst"
     c = pod["containers"][0]
     c["terminationMessagePath"] = "/dev/termination-log"
-    c["resources"] = {"limits": {"nvidia.com/gpu": "1", "memory": "512Mi", "cpu": "500m"}}
+    c["resources"] = {"limits": {"nvidia.com/gpu": "1", "memory": "512Mi", "cpu": "500m", "ephemeral-storage": "2Gi"},
+                      "requests": {"ephemeral-storage": "256Mi"}}
     for volume in pod.get("volumes", []):
-        volume["secret"]["defaultMode"] = 420
+        if "secret" in volume:
+            volume["secret"]["defaultMode"] = 420
     return live
 
 

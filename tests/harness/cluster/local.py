@@ -337,7 +337,9 @@ class LocalCluster:
                      wait: bool = True) -> list[str]:
         """Create ``count`` fake nodes managed by kwok; returns their names."""
         d = self.node_defaults
-        resources = {"cpu": cpu or d["cpu"], "memory": memory or d["memory"], "pods": pods or d["pods"]}
+        resources = {"cpu": cpu or d["cpu"], "memory": memory or d["memory"], "pods": pods or d["pods"],
+                     # Every real node reports its disk; worker pods request ephemeral-storage.
+                     "ephemeral-storage": "500Gi"}
         g = d["gpus"] if gpus is None else gpus
         if g:
             resources["nvidia.com/gpu"] = str(g)
