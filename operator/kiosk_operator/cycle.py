@@ -20,7 +20,7 @@ from kiosk_operator import metrics, reclaim, scaling
 from kiosk_operator.depth import Measurement, measure
 from kiosk_operator.reclaim import ReclaimReport
 from kiosk_operator.spec import PoolSpec
-from kiosk_operator.status import Event, PoolState, iso, set_condition
+from kiosk_operator.status import Event, PoolState, iso, set_condition, set_paused
 from kiosk_protocol.errors import describe
 
 log = logging.getLogger("kiosk_operator")
@@ -158,6 +158,7 @@ class RedisUnavailable(Exception):
 def run(pool: PoolCycle) -> CycleResult:
     """observe -> decide -> act -> report. Redis errors are reported, never raised."""
     started = time.perf_counter()
+    set_paused(pool.state, pool.spec.scaling.max_workers, pool.now)
     try:
         obs = observe(pool)
     except RedisUnavailable as exc:
@@ -256,6 +257,7 @@ def report(pool: PoolCycle, obs: Observation, plan: Plan, scaled: Scaled) -> dic
         "lastActiveTime": iso(state.last_active) if state.last_active else None,
         "workers": running,
         "desired": desired,
+        "maxWorkers": pool.spec.scaling.max_workers,
     }
     if pool.job_mode:
         fields["activeJobs"] = desired

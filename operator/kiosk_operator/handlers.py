@@ -62,9 +62,14 @@ def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.networking.connect_timeout = 10
     settings.posting.level = logging.WARNING
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
+    # kopf's handler progress and last-handled spec live in annotations only (kopf's default also
+    # copies progress to status.kopf): the pool's status schema is typed, and status belongs to the
+    # operator's own fields. status.kopf stays declared opaque in the CRD for older writers.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage()
     settings.scanning.disabled = True  # no cluster-wide CRD/namespace watching: namespaced RBAC suffices
     settings.execution.max_workers = 16
-    settings.batching.error_delays = (1, 2, 5, 10, 30)
+    settings.queueing.error_delays = (1, 2, 5, 10, 30)
     memo.kube = _kube(memo)
 
 

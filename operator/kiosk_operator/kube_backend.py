@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from kiosk_operator import cycle, jobmode, manifests, reclaim
+from kiosk_operator import cycle, jobmode, manifests, policy, reclaim
 from kiosk_operator.cycle import CycleResult, Jobs, Scaled, Workers
-from kiosk_operator.deployment import ensure_deployment, scale_deployment
+from kiosk_operator.deployment import Refused, check_owned, ensure_deployment, refusals, scale_deployment
 from kiosk_operator.depth import RedisClients, tls_material
 from kiosk_operator.kube import Kube
 from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
@@ -59,6 +59,7 @@ class KubeBackend:
         if cached is not None:
             return Workers(*cached)
         dep = self.kube.get_deployment(self.ns, self.dep_name)
+        check_owned(dep, self.pool)
         if dep is None:
             action, dep = ensure_deployment(self.kube, self.pool, self.spec, self.logger, have=None)
             if action == "created":
@@ -74,6 +75,7 @@ class KubeBackend:
         return holding
 
     def scale_to(self, current: int, replicas: int, busy: frozenset[str]) -> Scaled:
+        check_owned(self.kube.get_deployment(self.ns, self.dep_name), self.pool)
         scale_deployment(self.kube, self.ns, self.name, current, replicas, busy)
         return Scaled()
 
@@ -85,7 +87,7 @@ class KubeBackend:
 
     def enter_job_mode(self) -> None:
         dep = self.kube.get_deployment(self.ns, self.dep_name)
-        if dep is not None and int(dep.get("spec", {}).get("replicas") or 0) > 0:
+        if dep is not None and policy.owned_by(dep, self.pool) and int(dep.get("spec", {}).get("replicas") or 0) > 0:
             self.kube.scale_deployment(self.ns, self.dep_name, 0)
             message = f"worker Deployment {self.dep_name} scaled to 0: the pool is in Job mode"
             self.events.append(Event("Normal", "DeploymentScaledDown", message))
@@ -121,6 +123,14 @@ class KubeBackend:
             warn_once(self.state, "model-server-missing", self.events, missing)
             return
         self.state.warned.discard("model-server-missing")
+        if not policy.model_server_allowed(policy.current(), have, self.pool):
+            message = (
+                f"spec.modelServer.deployment.name: Deployment {dep.name} is neither owned by this pool "
+                f'nor labelled {policy.MODEL_SERVER_LABEL}="true"; not scaled'
+            )
+            warn_once(self.state, "model-server-refused", self.events, Event("Warning", "PolicyViolation", message))
+            return
+        self.state.warned.discard("model-server-refused")
         self.state.model_server_replicas = want
         if int(have.get("spec", {}).get("replicas") or 0) != want:
             self.kube.scale_deployment(self.ns, dep.name, want)
@@ -131,6 +141,8 @@ class KubeBackend:
 def redis_client(kube: Kube, clients: RedisClients, ns: str, spec: PoolSpec) -> redis.Redis:
     """The pool's Redis client, with its password and TLS Secrets; LookupError when one is missing."""
     ref = spec.redis.password_secret_ref
+    if ref and not policy.secret_allowed(kube.read_secret(ns, ref.name)):
+        raise LookupError(f'Secret {ns}/{ref.name} is not labelled {policy.SECRET_LABEL}="true"')
     password = kube.secret_value(ns, ref.name, ref.key) if ref else ""
     tls_ref = spec.redis.tls_secret_ref
     tls = tls_material(kube.read_secret(ns, tls_ref.name), tls_ref) if tls_ref else None
@@ -154,16 +166,24 @@ def run_cycle(
     meta = pool["metadata"]
     ns, name = meta["namespace"], meta["name"]
     t = now()
+    state.generation = meta.get("generation")
     try:
         spec = parse_spec(pool.get("spec"))
     except SpecError as exc:
         return _invalid_spec(kube, pool, state, exc, t)
     state.warned.discard("invalid-spec")
+    refused = refusals(kube, pool, spec)
+    if refused:
+        return _refused(kube, pool, state, refused, t)
+    state.warned.discard("policy-violation")
     _restore(state, pool, spec)
     events: list[Event] = []
     backend = KubeBackend(kube, pool, spec, state, events, replicas_of, logger)
     connect = functools.partial(redis_client, kube, clients, ns, spec)
-    result = cycle.run(cycle.PoolCycle(ns, name, spec, state, backend, connect, t, logger, events))
+    try:
+        result = cycle.run(cycle.PoolCycle(ns, name, spec, state, backend, connect, t, logger, events))
+    except Refused as exc:  # a <pool>-worker Deployment the pool does not own
+        return _refused(kube, pool, state, [str(exc)], t)
     fields = {**result.status, "observedGeneration": meta.get("generation")}
     if result.redis_error is None:
         job_mode = spec.scaling.mode == cycle.JOB_MODE
@@ -187,6 +207,18 @@ def _restore(state: PoolState, pool: dict[str, Any], spec: PoolSpec) -> None:
         state.last_active = parse_iso(status.get("lastActiveTime"))
     if state.reclaimed is None and spec.reclaim.enabled:
         state.reclaimed = int(status.get("reclaimed") or 0)
+
+
+def _refused(kube: Kube, pool: dict[str, Any], state: PoolState, reasons: list[str], t: float) -> CycleResult:
+    """The admin policy refuses the pool: conditions and one Warning naming the fields; nothing is acted on."""
+    meta = pool["metadata"]
+    message = "; ".join(reasons)
+    events: list[Event] = []
+    set_condition(state, "Ready", False, "PolicyViolation", message, t)
+    set_condition(state, "ScalingActive", False, "PolicyViolation", message, t)
+    warn_once(state, "policy-violation", events, Event("Warning", "PolicyViolation", message))
+    write_status(kube, meta["namespace"], meta["name"], state, {"observedGeneration": meta.get("generation")})
+    return CycleResult(INVALID_SPEC_INTERVAL, events)
 
 
 def _invalid_spec(kube: Kube, pool: dict[str, Any], state: PoolState, exc: SpecError, t: float) -> CycleResult:

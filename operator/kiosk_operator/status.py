@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from kiosk_operator.kube import Kube
 
 
+#: Present (True) only while spec.scaling.maxWorkers is 0.
+PAUSED = "Paused"
+
+
 @dataclass
 class PoolState:
     """What one pool's loop remembers between cycles (in memory; lastActiveTime also in status)."""
@@ -27,6 +31,8 @@ class PoolState:
     mode: str | None = None
     last_reclaim: float | None = None
     reclaimed: int | None = None
+    #: metadata.generation of the pool this cycle acts on (conditions' observedGeneration).
+    generation: int | None = None
 
 
 @dataclass
@@ -52,17 +58,29 @@ def parse_iso(text: str | None) -> float | None:
 def set_condition(
     state: PoolState, ctype: str, ok: bool | None, reason: str, message: str, now: float
 ) -> None:
-    """Update a condition; lastTransitionTime changes only when the status does."""
+    """Update a condition (metav1.Condition's shape); lastTransitionTime changes only when the status does."""
     status = "Unknown" if ok is None else "True" if ok else "False"
     old = state.conditions.get(ctype)
     since = old["lastTransitionTime"] if old and old["status"] == status else iso(now)
-    state.conditions[ctype] = {
+    cond: dict[str, Any] = {
         "type": ctype,
         "status": status,
         "reason": reason,
         "message": message[:1000],
         "lastTransitionTime": since,
     }
+    if state.generation is not None:
+        cond["observedGeneration"] = state.generation
+    state.conditions[ctype] = cond
+
+
+def set_paused(state: PoolState, max_workers: int, now: float) -> None:
+    """The Paused condition is there while spec.scaling.maxWorkers is 0, and gone otherwise."""
+    if max_workers == 0:
+        message = "spec.scaling.maxWorkers is 0: no workers run; raise it (or kubectl scale --replicas=N) to resume"
+        set_condition(state, PAUSED, True, "MaxWorkersZero", message, now)
+    else:
+        state.conditions.pop(PAUSED, None)
 
 
 def warn_once(state: PoolState, key: str, events: list[Event], event: Event) -> None:

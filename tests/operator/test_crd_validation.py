@@ -153,9 +153,21 @@ def test_local_defaults_are_the_api_servers(k8s_cluster, k8s_namespace, crd, cha
 
 def test_scale_subresource_sets_the_ceiling(k8s_cluster, k8s_namespace, crd):
     k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), copy.deepcopy(VALID))
-    path = POOLS.format(ns=k8s_namespace) + "/p/scale"
+    pool = POOLS.format(ns=k8s_namespace) + "/p"
+    path = pool + "/scale"
     k8s_cluster.request("PATCH", path, {"spec": {"replicas": 0}}, content_type="application/merge-patch+json")
-    assert k8s_cluster.get(POOLS.format(ns=k8s_namespace) + "/p")["spec"]["scaling"]["maxWorkers"] == 0
+    assert k8s_cluster.get(pool)["spec"]["scaling"]["maxWorkers"] == 0
+    k8s_cluster.kubectl("scale", "cpool", "p", "-n", k8s_namespace, "--replicas=4")
+    assert k8s_cluster.get(pool)["spec"]["scaling"]["maxWorkers"] == 4
+    # The scale's status.replicas is the ceiling the operator applied, never the worker count.
+    status = {"workers": 2, "maxWorkers": 4, "selector": "kiosk.deepcell.org/pool=p"}
+    k8s_cluster.request("PATCH", pool + "/status", {"status": status}, content_type="application/merge-patch+json")
+    scale = k8s_cluster.get(path)
+    assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (4, 4), scale
+    assert scale["status"]["selector"] == "kiosk.deepcell.org/pool=p"
+    # kubectl scale's precondition compares with the ceiling, too.
+    k8s_cluster.kubectl("scale", "cpool", "p", "-n", k8s_namespace, "--current-replicas=4", "--replicas=1")
+    assert k8s_cluster.get(pool)["spec"]["scaling"]["maxWorkers"] == 1
 
 
 def test_kubectl_explain_teaches_the_fields(k8s_cluster, crd):
@@ -176,4 +188,4 @@ def test_kubectl_explain_teaches_the_fields(k8s_cluster, crd):
 def test_printer_columns(k8s_cluster, k8s_namespace, crd):
     k8s_cluster.request("POST", POOLS.format(ns=k8s_namespace), copy.deepcopy(VALID))
     header = k8s_cluster.kubectl("get", "cpool", "-n", k8s_namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PENDING", "IN-FLIGHT", "WORKERS", "DESIRED", "MODE", "AGE"]
+    assert header == ["NAME", "READY", "PENDING", "IN-FLIGHT", "WORKERS", "DESIRED", "MODE", "AGE"]

@@ -230,3 +230,34 @@ def test_model_server_follows_the_pool(redis_client, held):
     _push(redis_client, held)
     _run(spec, backend, state, redis_client, time.time())
     assert backend.model_server == [bool(held)]
+
+
+def test_paused_condition_while_max_workers_is_zero_and_gone_after(redis_client):
+    state, backend = PoolState(), FakeBackend()
+    _push(redis_client, 5)
+    paused = _run(_spec(maxWorkers=0), backend, state, redis_client, 1000.0)
+    cond = state.conditions["Paused"]
+    assert (cond["status"], cond["reason"]) == ("True", "MaxWorkersZero")
+    assert cond["lastTransitionTime"] == "1970-01-01T00:16:40Z" and "maxWorkers is 0" in cond["message"]
+    assert paused.status["maxWorkers"] == 0 and paused.status["desired"] == 0 and not backend.names
+    # Redis down while paused: still Paused (it depends on the spec only).
+    down = PoolState(conditions=dict(state.conditions))
+    _run(_spec(maxWorkers=0), backend, down, lambda: (_ for _ in ()).throw(redis.ConnectionError("x")), 1001.0)
+    assert down.conditions["Paused"]["status"] == "True"
+    resumed = _run(_spec(maxWorkers=3), backend, state, redis_client, 1002.0)
+    assert "Paused" not in state.conditions
+    assert resumed.status["maxWorkers"] == 3 and len(backend.names) > 0
+
+
+def test_conditions_have_the_metav1_condition_shape(redis_client):
+    state = PoolState(generation=4)
+    _run(_spec(maxWorkers=0), FakeBackend(), state, redis_client, 1000.0)
+    assert set(state.conditions) == {"Paused", "RedisReachable", "ScalingActive"}
+    for ctype, cond in state.conditions.items():
+        assert set(cond) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+        assert cond["type"] == ctype and cond["observedGeneration"] == 4 and cond["reason"] and cond["message"]
+    # A new generation with the same status keeps lastTransitionTime but moves observedGeneration.
+    state.generation = 5
+    _run(_spec(maxWorkers=0), FakeBackend(), state, redis_client, 2000.0)
+    assert state.conditions["Paused"]["observedGeneration"] == 5
+    assert state.conditions["Paused"]["lastTransitionTime"] == "1970-01-01T00:16:40Z"

@@ -239,3 +239,47 @@ spec:
     wait_for(lambda: api.replicas("tf-serving") == 2, T, "model server scaled up with work")
     redis_client.delete("segmentation")
     wait_for(lambda: api.replicas("tf-serving") == 0, T, "model server scaled to zero when idle")
+
+
+def test_ready_column_paused_condition_and_scale_subresource(operator, api, redis_server, redis_client, k8s_cluster):
+    """kubectl shows Ready; `kubectl scale --replicas=0` pauses (condition Paused) and N resumes with N as the
+    ceiling, the scale's status.replicas following the ceiling, not the worker count."""
+    ns = api.ns
+    api.create_pool(pool_manifest("seg", redis_server.port, scaling={"itemsPerWorker": 1, "maxWorkers": 5}))
+
+    def ready_column() -> str:
+        lines = k8s_cluster.kubectl("get", "consumerpools", "-n", ns).stdout.splitlines()
+        start = lines[0].index("READY")  # cells are aligned under their header; empty ones are blank
+        return lines[1][start:].split(" ", 1)[0]
+
+    wait_for(lambda: ready_column() == "True", T, "READY True in kubectl get")
+    _push(redis_client, "segmentation", 3)
+    wait_for(lambda: api.replicas(DEP("seg")) == 3, T, "3 replicas")
+
+    k8s_cluster.kubectl("scale", "consumerpool", "seg", "-n", ns, "--replicas=0")
+    paused = wait_for(lambda: api.condition("seg", "Paused"), T, "Paused condition")
+    assert paused["status"] == "True" and paused["reason"] == "MaxWorkersZero"
+    assert paused["observedGeneration"] == api.pool("seg")["metadata"]["generation"]
+    wait_for(lambda: api.replicas(DEP("seg")) == 0, T, "paused: 0 replicas with 3 items pending")
+    assert api.pool("seg")["status"]["pending"] == 3
+
+    k8s_cluster.kubectl("scale", "consumerpool", "seg", "-n", ns, "--replicas=2")
+    wait_for(lambda: api.condition("seg", "Paused") is None, T, "Paused condition gone")
+    wait_for(lambda: api.replicas(DEP("seg")) == 2, T, "resumed: ceiling 2 for 3 items")
+    scale = wait_for(
+        lambda: (s := k8s_cluster.get(f"/apis/kiosk.deepcell.org/v1alpha1/namespaces/{ns}/consumerpools/seg/scale"))
+        ["status"].get("replicas") == 2 and s,
+        T,
+        "scale status.replicas 2",
+    )
+    assert scale["spec"]["replicas"] == 2 and scale["status"]["selector"] == manifests.label_selector("seg")
+    # Idle: workers go to 0, the ceiling (the scale's replicas) stays 2.
+    redis_client.delete("segmentation")
+    wait_for(lambda: api.pool("seg")["status"].get("workers") == 0, T, "status workers 0")
+    scale = k8s_cluster.get(f"/apis/kiosk.deepcell.org/v1alpha1/namespaces/{ns}/consumerpools/seg/scale")
+    assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (2, 2)
+    # kopf keeps its state in annotations: nothing of it in the typed status.
+    pool = api.pool("seg")
+    assert "kopf" not in pool["status"]
+    assert "kopf.zalando.org/last-handled-configuration" in pool["metadata"]["annotations"]
+    assert operator.alive()
