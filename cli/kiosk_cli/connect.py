@@ -25,7 +25,8 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--redis-port", type=int, help="Redis port (REDIS_PORT, default 6379)")
     group.add_argument("--redis-password", help="Redis password (REDIS_PASSWORD)")
     group.add_argument(
-        "--bucket", help="storage bucket: gs://NAME, s3://NAME or file:///DIR (STORAGE_BUCKET)"
+        "--bucket", "-b", "--storage-bucket", dest="bucket",
+        help="storage bucket: gs://NAME, s3://NAME or file:///DIR (STORAGE_BUCKET)",
     )
     group.add_argument("--storage-endpoint", help="S3/GCS endpoint URL for emulators (STORAGE_ENDPOINT)")
 

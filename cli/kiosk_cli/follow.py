@@ -29,6 +29,14 @@ _STAGE = {
 _UNKNOWN_STAGE = 0.5
 
 
+class WaitTimeout(CliError):
+    """``--timeout`` expired: its own exit code; ``unfinished`` are the keys still running."""
+
+    def __init__(self, message: str, unfinished: Sequence[str]) -> None:
+        super().__init__(message)
+        self.unfinished = tuple(unfinished)
+
+
 @dataclass(frozen=True)
 class JobProgress:
     """How far one submitted job has got: its status, 0..1 done, and the fields read."""
@@ -92,7 +100,7 @@ def wait_jobs(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[JobProgress]:
-    """Poll until every job is finished; timeout 0 waits forever, else CliError on expiry."""
+    """Poll until every job is finished; timeout 0 waits forever, else WaitTimeout on expiry."""
     deadline = clock() + timeout if timeout > 0 else None
     while True:
         jobs = fetch_progress(client, keys)
@@ -100,6 +108,7 @@ def wait_jobs(
         if all(job.finished for job in jobs):
             return jobs
         if deadline is not None and clock() >= deadline:
-            left = sum(not job.finished for job in jobs)
-            raise CliError(f"timed out after {timeout:g}s with {left} of {len(jobs)} jobs unfinished")
+            left = [job.key for job in jobs if not job.finished]
+            message = f"timed out after {timeout:g}s with {len(left)} of {len(jobs)} jobs unfinished"
+            raise WaitTimeout(message, left)
         sleep(interval)

@@ -25,3 +25,24 @@ def download_output(storage: Any, key: str, fields: Mapping[str, str], out_dir: 
         return str(storage.download(where, str(out_dir)))
     except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
         raise CliError(f"cannot download {where} for job {key}: {describe(exc)}") from None
+
+
+def previews(storage: Any, key: str, fields: Mapping[str, str], result: Path, out_dir: Path) -> list[Path]:
+    """Overlay PNGs for a downloaded result (the input is fetched from the bucket alongside)."""
+    from kiosk_cli import preview
+
+    preview.check_installed()
+    source = fields.get("input_file_name", "")
+    input_path = None
+    if source and not source.lower().endswith(".zip"):  # a zip job's members are previewed without input
+        input_dir = out_dir / ".kiosk-inputs"
+        input_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            input_path = Path(storage.download(source, str(input_dir)))
+        except Exception as exc:  # noqa: BLE001 - any backend failure becomes one line
+            raise CliError(f"cannot download the input {source} of job {key}: {describe(exc)}") from None
+    try:
+        return preview.write_previews(result, input_path, out_dir)
+    finally:
+        if input_path is not None:
+            input_path.unlink(missing_ok=True)

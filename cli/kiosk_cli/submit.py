@@ -15,6 +15,15 @@ from kiosk_protocol.errors import describe
 
 UPLOAD_DIR = "uploads"
 
+#: kiosk-client's job flags that set one job field each (its -j/--job-type is --queue, its
+#: -m/--model NAME:VERSION is --model, its -b/--storage-bucket is --bucket, its --output-dir is --out).
+FIELD_FLAGS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("-s", "--scale"), "scale"),
+    (("-l", "--label"), "label"),
+    (("--pre", "--preprocess"), "preprocess_function"),
+    (("--post", "--postprocess"), "postprocess_function"),
+)
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -37,6 +46,24 @@ def parse_fields(pairs: Sequence[str]) -> dict[str, str]:
             raise CliError(f"--field {name}: not a settable job field (choose from {choices})")
         fields[name] = value
     return fields
+
+
+def alias_fields(args: Any) -> dict[str, str]:
+    """The job fields set by kiosk-client style flags (``-s 1.2`` is ``--field scale=1.2``)."""
+    values = {field: getattr(args, f"field_{field}", None) for _, field in FIELD_FLAGS}
+    return {field: value for field, value in values.items() if value is not None}
+
+
+def model_flags(model: str, model_name: str, model_version: str) -> tuple[str, str]:
+    """(name, version) from ``--model NAME:VERSION`` or ``--model-name``/``--model-version``."""
+    if not model:
+        return model_name, model_version
+    if model_name or model_version:
+        raise CliError("--model NAME:VERSION replaces --model-name/--model-version: give one or the other")
+    name, sep, version = model.partition(":")
+    if not name or (sep and not version):
+        raise CliError(f"--model expects NAME or NAME:VERSION, got {model!r}")
+    return name, version
 
 
 def submit_files(

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 import subprocess
 import sys
 import time
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 import tifffile
+import yaml
+from PIL import Image
+from skimage.segmentation import find_boundaries
 
 import kiosk_protocol as protocol
 from harness.ports import free_port
@@ -211,12 +218,26 @@ def test_submit_wait_reports_failed_jobs(redis_server, redis_client, bucket, tmp
     assert "1 of 1 jobs failed" in stdout
 
 
-def test_submit_wait_times_out_with_one_line(redis_server, redis_client, bucket, tmp_path) -> None:
+def test_submit_wait_timeout_has_its_own_exit_code_and_prints_unfinished_keys(
+    redis_server, redis_client, bucket, tmp_path
+) -> None:
     write_tiff(tmp_path / "slow.tif")
-    result = kiosk("submit", str(tmp_path / "slow.tif"), "--queue", "nobody-listens", "--wait",
-                   "--timeout", "0.3", "--interval", "0.05", env=cli_env(redis_server, bucket))
-    assert result.returncode == 1
-    assert result.stderr.strip() == "error: timed out after 0.3s with 1 of 1 jobs unfinished"
+    write_tiff(tmp_path / "quick.tif")
+    proc = start_kiosk("submit", str(tmp_path / "quick.tif"), str(tmp_path / "slow.tif"), "--queue", "few",
+                       "--wait", "--timeout", "3", "--interval", "0.05", "--out", str(tmp_path / "out"),
+                       env=cli_env(redis_server, bucket))
+    try:
+        worker = FakeWorker(redis_client, bucket)
+        done = worker.pop("few")  # the first file; the second stays queued until the timeout
+        worker.succeed("few", done)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    (slow,) = [key for key in redis_client.lrange("few", 0, -1)]
+    assert proc.returncode == 4, stderr + stdout
+    assert stderr.strip() == "error: timed out after 3s with 1 of 2 jobs unfinished"
+    assert stdout.splitlines()[-1] == slow  # the unfinished key, last and alone on its line
+    assert done not in stdout.splitlines()
 
 
 def test_submit_against_a_real_worker(redis_server, redis_client, bucket, tmp_path) -> None:
@@ -247,6 +268,16 @@ def test_submit_against_a_real_worker(redis_server, redis_client, bucket, tmp_pa
             assert zf.namelist(), "the worker's result archive is empty"
         (key,) = redis_client.keys("segmentation:*cells.tif:*")
         assert redis_client.hget(key, "status") == protocol.DONE
+        # The preview of a real result: outlines exactly on the worker's label boundaries.
+        shown = kiosk("results", key, "--preview", "-o", "json", "--out", str(tmp_path / "preview"), env=env)
+        assert shown.returncode == 0, shown.stderr
+        (png,) = json.loads(shown.stdout)["previews"]
+        with zipfile.ZipFile(download) as zf:
+            (member,) = [n for n in zf.namelist() if n.endswith(".tif")]
+            labels = np.squeeze(tifffile.imread(io.BytesIO(zf.read(member))))
+        assert labels.max() > 0
+        pixels = np.asarray(Image.open(png).convert("RGB"))
+        assert np.array_equal(np.all(pixels == (255, 255, 0), axis=2), find_boundaries(labels, mode="inner"))
     finally:
         if worker and worker.poll() is None:
             worker.kill()
@@ -458,3 +489,299 @@ def test_errors_quoting_redis_data_are_one_plain_line(redis_server, redis_client
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot download missing/\\x1b[2J\\nfake.zip")
     assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr
+
+
+# --- for platform teams: machine output, version, completion, exit codes, aliases -------------
+
+
+def test_submit_and_status_share_one_default_queue(redis_server, redis_client, bucket, tmp_path) -> None:
+    """`kiosk submit` without --queue enqueues where `kiosk status` looks by default (QUEUE)."""
+    write_tiff(tmp_path / "a.tif")
+    env = cli_env(redis_server, bucket)
+    submitted = kiosk("submit", str(tmp_path / "a.tif"), env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    (key,) = submitted.stdout.split()
+    result = kiosk("status", "-o", "json", "--no-pools", env=env)
+    assert result.returncode == 0, result.stderr
+    queues = {q["name"]: q for q in json.loads(result.stdout)["queues"]}
+    queue = key.split(":", 1)[0]
+    assert queue == "predict"  # the worker's QUEUE default
+    assert queues[queue]["pending"] == 1
+
+
+def test_status_json_is_whole_and_parseable(redis_server, redis_client) -> None:
+    long_name = "worker-" + "x" * 150  # a piped table would crop this at 80 columns
+    for i in range(2):
+        protocol.submit_job(redis_client, "segmentation", f"uploads/img{i}.tif")
+    store = protocol.JobStore(redis_client, long_name)
+    held = store.pop("segmentation", 0)
+    store.heartbeat(["segmentation"], ttl=30, info={"current": held, "state": "busy", "jobs_done": 4})
+    env = cli_env(redis_server, QUEUE="segmentation", COLUMNS="80")
+    result = kiosk("status", "-o", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert {"name": "segmentation", "pending": 1, "in_flight": 1, "workers": 1} in data["queues"]
+    (worker,) = data["workers"]
+    assert worker["name"] == long_name and worker["current"] == held and worker["done"] == "4"
+    assert worker["stale"] is False
+    assert data["pools"] is None and data["pools_note"] == "no kubeconfig"
+    as_yaml = kiosk("status", "-o", "yaml", env=env)
+    assert as_yaml.returncode == 0, as_yaml.stderr
+    assert yaml.safe_load(as_yaml.stdout) == {**data, "workers": [{**worker, "age": ANY}]}
+
+
+class _Any:
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+ANY = _Any()
+
+
+def test_results_yaml_and_json(redis_server, redis_client, bucket, tmp_path) -> None:
+    key = protocol.submit_job(redis_client, "seg", "uploads/x.tif", "m", "1")
+    worker = FakeWorker(redis_client, bucket)
+    worker.pop("seg")
+    worker.succeed("seg", key, b"zip-bytes", check_input=False)
+    out = tmp_path / "fetched"
+    result = kiosk("results", key, "-o", "yaml", "--out", str(out), env=cli_env(redis_server, bucket))
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(result.stdout)
+    assert data["key"] == key and data["status"] == protocol.DONE
+    assert data["fields"]["model_name"] == "m" and data["fields"]["status"] == protocol.DONE
+    assert Path(data["output"]).read_bytes() == b"zip-bytes" and Path(data["output"]).parent == out
+    failed = protocol.submit_job(redis_client, "seg", "uploads/batch.zip")
+    redis_client.hset(failed, mapping={"status": "failed", "reason": HOSTILE,
+                                       "failures": zipjobs.encode_failures({"seg:a.tif:1": "corrupt"})})
+    result = kiosk("results", failed, "--output", "json", env=cli_env(redis_server, bucket))
+    assert result.returncode == 3, result.stderr
+    assert "\x1b" not in result.stdout
+    data = json.loads(result.stdout)
+    assert data["failures"] == {"seg:a.tif:1": "corrupt"} and data["fields"]["reason"] == HOSTILE
+    assert data["output"] is None
+
+
+def test_version() -> None:
+    result = subprocess.run([KIOSK, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"kiosk {metadata.version('kiosk-operator')}"
+
+
+def test_bash_completion_completes_commands_and_flags(tmp_path) -> None:
+    result = subprocess.run([KIOSK, "--print-completion", "bash"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    script = tmp_path / "kiosk.bash"
+    script.write_text(result.stdout)
+
+    def complete(*words: str) -> list[str]:
+        line = " ".join(words)
+        probe = (f'source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; '
+                 f'COMP_LINE="{line}"; COMP_POINT={len(line)}; _shtab_kiosk; printf "%s\\n" "${{COMPREPLY[@]}}"')
+        done = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("kiosk", "res") == ["results"]
+    assert complete("kiosk", "results", "--pre") == ["--preview"]
+    assert "--namespace" in complete("kiosk", "status", "--")
+    assert {"--job-type", "--model", "--scale"} <= set(complete("kiosk", "submit", "--"))
+
+
+def _readme_cli_section() -> str:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("## The `kiosk` CLI")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_every_exit_code_is_documented_in_help_and_readme() -> None:
+    from kiosk_cli.__main__ import build_parser
+
+    helps = [build_parser().format_help()]
+    for command in ("submit", "status", "results"):
+        result = subprocess.run([KIOSK, command, "--help"], capture_output=True, text=True, timeout=60)
+        helps.append(result.stdout)
+    section = _readme_cli_section()
+    for code, words in [(0, "success"), (1, "error"), (2, "usage"), (3, "a job failed"), (4, "--timeout"),
+                        (130, "interrupted")]:
+        for text in helps:
+            assert re.search(rf"^\s+{code}\s+.*{re.escape(words)}", text, re.M), (code, text)
+        assert re.search(rf"^\| `{code}` \|.*{re.escape(words)}", section, re.M | re.I), code
+    usage = subprocess.run([KIOSK, "status", "--bogus"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2
+
+
+def test_kiosk_client_flags_are_accepted(redis_server, redis_client, bucket, tmp_path) -> None:
+    image = write_tiff(tmp_path / "a.tif")
+    result = kiosk("submit", str(image), "-j", "segmentation", "-m", "NuclearSegmentation:5", "-s", "1.5",
+                   "-l", "1", "--pre", "normalize", "--post", "deep_watershed", "-b", bucket,
+                   env=cli_env(redis_server))
+    assert result.returncode == 0, result.stderr
+    (key,) = result.stdout.split()
+    assert key.startswith("segmentation:") and redis_client.llen("segmentation") == 1
+    job = redis_client.hgetall(key)
+    assert (job["model_name"], job["model_version"]) == ("NuclearSegmentation", "5")
+    assert (job["scale"], job["label"]) == ("1.5", "1")
+    assert (job["preprocess_function"], job["postprocess_function"]) == ("normalize", "deep_watershed")
+    assert open_storage(bucket).exists(job["input_file_name"])
+    long_form = kiosk("submit", str(image), "--job-type", "tracking", "--model", "Tracker", "--scale", "2",
+                      "--storage-bucket", bucket, env=cli_env(redis_server))
+    assert long_form.returncode == 0, long_form.stderr
+    job = redis_client.hgetall(long_form.stdout.strip())
+    assert (job["model_name"], job["model_version"], job["scale"]) == ("Tracker", "", "2")
+    both = kiosk("submit", str(image), "-m", "A:1", "--model-name", "B", env=cli_env(redis_server, bucket))
+    assert both.returncode == 1 and "give one or the other" in both.stderr
+
+
+# --- preview ----------------------------------------------------------------------------------
+
+
+def _squares(shape: tuple[int, int], boxes: dict[int, tuple[int, int, int, int]]) -> np.ndarray:
+    labels = np.zeros(shape, np.int32)
+    for cid, (r0, c0, r1, c1) in boxes.items():
+        labels[r0:r1, c0:c1] = cid
+    return labels
+
+
+def _result_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _tiff(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, array, photometric="minisblack")
+    return buf.getvalue()
+
+
+def test_results_preview_draws_label_outlines_on_the_input(redis_server, redis_client, bucket, tmp_path) -> None:
+    labels = _squares((64, 64), {1: (8, 8, 24, 24), 2: (30, 36, 50, 60)})
+    image = np.where(labels > 0, 1000.0, 100.0).astype(np.float32)  # bright cells on a dim background
+    tifffile.imwrite(tmp_path / "cells.tif", image)
+    env = cli_env(redis_server, bucket)
+    submitted = kiosk("submit", str(tmp_path / "cells.tif"), "--queue", "seg", env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    worker = FakeWorker(redis_client, bucket)
+    key = worker.pop("seg")
+    worker.succeed("seg", key, _result_zip({"cells_batch_0_feature_0.tif": _tiff(labels)}))
+    out = tmp_path / "out"
+    result = kiosk("results", key, "--preview", "--out", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("preview saved to ")]
+    png = Path(line.removeprefix("preview saved to "))
+    assert png.exists() and png.parent == out and png.name == "cells_batch_0_feature_0_preview.png"
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    assert pixels.shape == (64, 64, 3)
+    yellow = np.all(pixels == (255, 255, 0), axis=2)
+    # Outlines exactly where a label meets another label or the background, nowhere else.
+    assert np.array_equal(yellow, find_boundaries(labels, mode="inner"))
+    # The input shows through: cells bright, background dark, grey (no colour) off the outlines.
+    inside, outside = pixels[16, 16], pixels[2, 2]
+    assert inside[0] == inside[1] == inside[2] and outside[0] == outside[1] == outside[2]
+    assert inside[0] > outside[0] + 100
+
+
+def test_results_preview_colours_tracks_by_lineage(redis_server, redis_client, bucket, tmp_path) -> None:
+    # Track 1 divides into 3 and 4 at frame 2; track 2 is unrelated.
+    frames = [
+        _squares((40, 40), {1: (5, 5, 15, 15), 2: (25, 25, 35, 35)}),
+        _squares((40, 40), {1: (5, 5, 15, 15), 2: (25, 25, 35, 35)}),
+        _squares((40, 40), {3: (2, 2, 10, 10), 4: (10, 12, 18, 20), 2: (25, 25, 35, 35)}),
+    ]
+    stack = np.stack(frames)
+    lineage = {"1": {"label": 1, "frames": [0, 1], "parent": None, "daughters": [3, 4], "frame_div": 2},
+               "2": {"label": 2, "frames": [0, 1, 2], "parent": None, "daughters": [], "frame_div": None},
+               "3": {"label": 3, "frames": [2], "parent": 1, "daughters": [], "frame_div": None},
+               "4": {"label": 4, "frames": [2], "parent": 1, "daughters": [], "frame_div": None}}
+    key = protocol.submit_job(redis_client, "track", "uploads/movie.tif")
+    open_storage(bucket).upload_bytes(_tiff(np.full((3, 40, 40), 50, np.uint16)), "uploads/movie.tif")
+    worker = FakeWorker(redis_client, bucket)
+    worker.pop("track")
+    worker.succeed("track", key, _result_zip({"movie_tracked.tif": _tiff(stack),
+                                              "lineage.json": json.dumps(lineage).encode()}), check_input=False)
+    out = tmp_path / "out"
+    result = kiosk("results", key, "--preview", "-o", "json", "--out", str(out), env=cli_env(redis_server, bucket))
+    assert result.returncode == 0, result.stderr
+    (png,) = json.loads(result.stdout)["previews"]
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    assert pixels.shape == (40, 3 * 40 + 2 * 2, 3)  # three frames side by side, 2-pixel gaps
+
+    def colour(frame: int, row: int, col: int) -> tuple[int, ...]:
+        return tuple(int(v) for v in pixels[row, frame * 42 + col])
+
+    mother, other = colour(0, 5, 10), colour(0, 25, 30)  # top edges of tracks 1 and 2
+    daughter_a, daughter_b = colour(2, 2, 5), colour(2, 10, 15)
+    assert mother == daughter_a == daughter_b  # one lineage, one colour
+    assert other != mother and len(set(other)) > 1 and len(set(mother)) > 1  # coloured, not grey
+    assert colour(1, 25, 30) == other  # a track keeps its colour over time
+    assert colour(0, 20, 20)[0] == colour(0, 20, 20)[1]  # off the outlines: the grey input
+
+
+def test_preview_without_imaging_libraries_is_a_one_line_hint(redis_server, redis_client, bucket, tmp_path):
+    key = protocol.submit_job(redis_client, "seg", "uploads/x.tif")
+    worker = FakeWorker(redis_client, bucket)
+    worker.pop("seg")
+    worker.succeed("seg", key, b"zip", check_input=False)
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "skimage.py").write_text("raise ImportError('hidden for this test')\n")
+    env = cli_env(redis_server, bucket, PYTHONPATH=os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]))
+    result = kiosk("results", key, "--preview", "--out", str(tmp_path / "out"), env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --preview needs numpy, scikit-image")
+    assert "pip install 'kiosk-operator[worker,cli]'" in result.stderr and result.stderr.count("\n") == 1
+
+
+# --- pools: namespaced, as a user with a Role in one namespace only ---------------------------
+
+
+@pytest.mark.cluster
+def test_status_lists_pools_of_the_context_namespace_as_a_namespaced_user(
+    redis_server, redis_client, k8s_cluster, crd, k8s_namespace
+) -> None:
+    from harness.cluster.api import KubeApi
+    from harness.cluster.errors import ApiError
+
+    ns = k8s_namespace
+    k8s_cluster.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "viewer", "namespace": ns}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": "pool-viewer", "namespace": ns},
+         "rules": [{"apiGroups": ["kiosk.deepcell.org"], "resources": ["consumerpools"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "pool-viewer", "namespace": ns},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pool-viewer"},
+         "subjects": [{"kind": "ServiceAccount", "name": "viewer", "namespace": ns}]},
+        {"apiVersion": "kiosk.deepcell.org/v1alpha1", "kind": "ConsumerPool",
+         "metadata": {"name": "gpu", "namespace": ns},
+         "spec": {"queues": ["pool-queue"], "worker": {"image": "kiosk-worker:1"}}},
+    ])
+    kubeconfig = k8s_cluster.kubeconfig_for_serviceaccount(ns, "viewer")  # context namespace: ns
+    as_viewer = KubeApi(kubeconfig)
+    wait_for(lambda: as_viewer.get(f"/apis/kiosk.deepcell.org/v1alpha1/namespaces/{ns}/consumerpools"),
+             30, "the Role in effect", ignore=(ApiError,))
+    env = cli_env(redis_server, KUBECONFIG=str(kubeconfig))
+
+    table = kiosk("status", "--queue", "pool-queue", env=env)
+    assert table.returncode == 0, table.stderr
+    assert f"{ns}/gpu" in table.stdout and "not allowed" not in table.stdout, table.stdout
+
+    result = kiosk("status", "-o", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [p["name"] for p in data["pools"]] == [f"{ns}/gpu"], data["pools_note"]
+    assert "pool-queue" in [q["name"] for q in data["queues"]]  # the pools' queues are shown too
+
+    explicit = json.loads(kiosk("status", "-o", "json", "--namespace", ns, "--context", "kiosk-local",
+                                env=env).stdout)
+    assert [p["name"] for p in explicit["pools"]] == [f"{ns}/gpu"]
+    cluster_wide = json.loads(kiosk("status", "-o", "json", "-A", env=env).stdout)
+    assert cluster_wide["pools"] is None
+    assert cluster_wide["pools_note"] == "not allowed to list ConsumerPools in all namespaces"
+    elsewhere = json.loads(kiosk("status", "-o", "json", "-n", "default", env=env).stdout)
+    assert elsewhere["pools_note"] == "not allowed to list ConsumerPools in namespace default"
+    no_context = json.loads(kiosk("status", "-o", "json", "--context", "nope", env=env).stdout)
+    assert no_context["pools"] is None and no_context["pools_note"] == "no kubeconfig context 'nope'"
