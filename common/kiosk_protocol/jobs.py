@@ -50,6 +50,15 @@ class FieldTooLarge(ValueError):
         self.limit = limit
 
 
+class TooManyAttempts(RuntimeError):
+    """The job was taken MAX_ATTEMPTS times already and its workers died each time (a poison
+    pill); the message is the job's one-line reason."""
+
+    def __init__(self, attempts: int) -> None:
+        super().__init__(f"worker died {attempts} times on this job")
+        self.attempts = attempts
+
+
 def is_wrong_type(err: BaseException) -> bool:
     """Redis refused a command because the key holds another type (WRONGTYPE)."""
     return isinstance(err, redis.ResponseError) and str(err).startswith("WRONGTYPE")
@@ -127,12 +136,20 @@ class JobStore:
     strays: int = 0
     #: A job with a longer field (except the zip parent's lists of children) fails at ``start``.
     max_field_bytes: int = MAX_FIELD_BYTES
+    #: Takes of a job before ``start`` raises TooManyAttempts (0 = no limit); None reads
+    #: MAX_ATTEMPTS from the environment (default 3).
+    max_attempts: int | None = None
 
     def __post_init__(self) -> None:
         self._requeue = self.client.register_script(scripts.REQUEUE)
         self._finish = self.client.register_script(scripts.FINISH)
         self._start = self.client.register_script(scripts.START)
         self._dead_letter = self.client.register_script(scripts.DEAD_LETTER)
+        self._forgive = self.client.register_script(scripts.FORGIVE_ATTEMPT)
+        if self.max_attempts is None:
+            from kiosk_protocol.settings import env_setting
+
+            self.max_attempts = int(env_setting("max_attempts"))
 
     # -- queue operations --
 
@@ -218,8 +235,8 @@ class JobStore:
         the hash is gone or already finished. Raises NotAJobHash when the key is not a hash
         and FieldTooLarge when a field is longer than ``max_field_bytes``; neither writes."""
         args = [self.worker, STARTED, DONE, FAILED, utc_now_iso(), "1" if announce else "0"]
-        if self.max_field_bytes > 0:
-            args += [str(self.max_field_bytes), *sorted(ZIP_PARENT_FIELDS)]
+        args += [str(self.max_field_bytes), *sorted(ZIP_PARENT_FIELDS)] if self.max_field_bytes > 0 else ["0"]
+        args.append(str(self.max_attempts or 0))
         reply = self._start(keys=[key], args=args)
         code = int(reply[0])
         if code == 2:
@@ -229,7 +246,13 @@ class JobStore:
             raise NotAJobHash(key, text(reply[1]))
         if code == 4:
             raise FieldTooLarge(text(reply[1]), int(reply[2]), self.max_field_bytes)
+        if code == 5:
+            raise TooManyAttempts(int(reply[1]))
         return None, "no such job hash" if code == 0 else f"already {text(reply[1])}"
+
+    def forgive_attempt(self, key: str) -> int:
+        """A take that ended without the worker dying does not count against MAX_ATTEMPTS."""
+        return int(self._forgive(keys=[key]))
 
     # -- registry --
 

@@ -20,7 +20,11 @@ return 1
 # (bytes; '0' or absent: no limit) followed by the fields exempt from it.
 # Replies: {0} no such job hash, {1, status} finished, {2, hash, status} started,
 # {3, type} not a hash at all (WRONGTYPE; nothing written), {4, field, bytes} a field is
-# longer than the limit (nothing written; checked before any work).
+# longer than the limit (nothing written; checked before any work), {5, takes} the job was
+# already taken ``takes`` times, the most allowed (poison pill: its workers died on it).
+# Attempts: with ARGV[6] '1' every take increments the hash field 'attempts'. The LAST
+# ARGV is the attempt limit ('0' = none; JobStore.start always sends it, after the field
+# limit and its exempt fields, which are then ARGV[8 .. #ARGV-1]).
 START = """
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'none' then return {0} end
@@ -28,10 +32,11 @@ if kind ~= 'hash' then return {3, kind} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {0} end
 if status == ARGV[3] or status == ARGV[4] then return {1, status} end
+local max_attempts = tonumber(ARGV[#ARGV]) or 0
 local limit = tonumber(ARGV[7] or '0') or 0
 if limit > 0 then
   local exempt = {}
-  for i = 8, #ARGV do exempt[ARGV[i]] = true end
+  for i = 8, #ARGV - 1 do exempt[ARGV[i]] = true end
   for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
     if #name > limit then return {4, string.sub(name, 1, 64), #name} end
     if not exempt[name] then
@@ -41,10 +46,22 @@ if limit > 0 then
   end
 end
 if ARGV[6] == '1' then
+  local taken = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
+  if max_attempts > 0 and taken >= max_attempts then return {5, taken} end
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
   redis.call('HSET', KEYS[1], 'status', ARGV[2], 'identity_started', ARGV[1],
              'updated_at', ARGV[5], 'updated_by', ARGV[1])
 end
 return {2, redis.call('HGETALL', KEYS[1]), status}
+"""
+
+# A take that ended without its worker dying (graceful give-back, a consumer putting its
+# job back to wait) does not count: 'attempts' goes down by one, never below zero.
+# KEYS = job hash. Returns the attempts left counted.
+FORGIVE_ATTEMPT = """
+local taken = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') or 0
+if taken <= 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 """
 
 # Put a job back where it will be taken next (the right end), or at the back of

@@ -144,6 +144,22 @@ class Settings:
     postprocess_maxima_algorithm: str = "h_maxima"
     postprocess_exclude_border: bool = False
 
+    # --- deepcell application pipeline around the model (kiosk_worker.pipeline) ---
+    application: str = "auto"       # APPLICATION: auto (by model name), nuclear, cytoplasm, mesmer, none
+    application_models: str = ""    # APPLICATION_MODELS: Name=family,... (wins over APPLICATION)
+
+    # --- hostile jobs: resource caps checked before the work they bound ---
+    #: Decoded pixel bytes of one input image (every frame), from its header, before decoding.
+    max_decoded_bytes: int = 1024 * 1024 * 1024
+    #: Object size checked (HEAD / stat) before a download.
+    max_input_bytes: int = 1024 * 1024 * 1024
+    #: Takes of one job (START) before it ends failed: "worker died N times on this job".
+    max_attempts: int = 3
+    #: Entries of a job's ``channels`` list.
+    max_channel_entries: int = 64
+    #: Cells (labels) of one frame a tracking job may have.
+    max_cells_per_frame: int = 2048
+
     def redis_config(self) -> RedisConfig:
         """The REDIS_* settings; the socket timeout covers the longest blocking pop."""
         return RedisConfig(
@@ -385,6 +401,46 @@ for _env, _attr, _parse in [
     ("POSTPROCESS_EXCLUDE_BORDER", "postprocess_exclude_border", _bool),
 ]:
     _register(_env, _attr, _parse)
+
+
+# The deepcell application around the model call (kiosk_worker.pipeline.application_for).
+_APPLICATIONS = {"auto", "nuclear", "cytoplasm", "mesmer", "none"}
+
+
+def _application_models(text: str) -> str:
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, family = part.partition("=")
+        if not sep or not name.strip() or family.strip().lower() not in _APPLICATIONS - {"auto"}:
+            raise ValueError(f"entry {part!r} must be ModelName=family (nuclear, cytoplasm, mesmer, none)")
+    return text.strip()
+
+
+_register("APPLICATION", "application", lambda s: _choice(s.strip().lower() or "auto", _APPLICATIONS))
+_register("APPLICATION_MODELS", "application_models", _application_models)
+
+
+# Hostile jobs: resource caps (kiosk_worker.imaging, kiosk_storage, JobStore.start, tracking).
+for _env, _attr, _parse in [
+    ("MAX_DECODED_BYTES", "max_decoded_bytes", _positive(int)),
+    ("MAX_INPUT_BYTES", "max_input_bytes", _positive(int)),
+    ("MAX_ATTEMPTS", "max_attempts", _positive(int)),
+    ("MAX_CHANNEL_ENTRIES", "max_channel_entries", _positive(int)),
+    ("MAX_CELLS_PER_FRAME", "max_cells_per_frame", _positive(int)),
+]:
+    _register(_env, _attr, _parse)
+
+
+def env_setting(attr: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment (its default when unset), for code that is not handed
+    a Settings; raises SettingsError for a bad value, as load_settings does."""
+    environ = os.environ if environ is None else environ
+    for env, (name, parse) in _SPEC.items():
+        if name == attr and env in environ:
+            try:
+                return parse(environ[env])
+            except ValueError as exc:
+                raise SettingsError(f"invalid setting {env}={environ[env]!r}: {exc}") from None
+    return getattr(Settings, attr)
 
 
 def _choice(value: str, allowed: set[str]) -> str:

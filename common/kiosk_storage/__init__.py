@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from kiosk_storage.base import (
     MAX_SIGNED_URL_EXPIRY,
     InputNotFound,
+    InputRefused,
     Location,
     Storage,
     StorageConfigError,
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from kiosk_protocol.settings import Settings
 
 __all__ = [
-    "MAX_SIGNED_URL_EXPIRY", "InputNotFound", "Location", "Storage", "StorageConfigError",
+    "MAX_SIGNED_URL_EXPIRY", "InputNotFound", "InputRefused", "Location", "Storage", "StorageConfigError",
     "StorageError", "StorageUnavailable", "get_storage", "open_storage", "parse_bucket_url",
     "safe_basename", "unique_name",
 ]
@@ -69,4 +70,5 @@ def get_storage(settings: Settings) -> Storage:
         url_expiry=settings.signed_url_expiry,
         max_retry=settings.storage_max_retry,
         backoff=settings.storage_backoff,
+        max_input_bytes=settings.max_input_bytes,
     )

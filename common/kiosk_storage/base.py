@@ -49,6 +49,11 @@ class StorageConfigError(StorageError):
     """The bucket URL or credentials cannot work at all."""
 
 
+class InputRefused(StorageError):
+    """A job names an object it may not read (outside the bucket/prefix, ``..``, a symlink)
+    or one over MAX_INPUT_BYTES; the message is the job's one-line reason."""
+
+
 class Fault(Enum):
     """How a backend classifies one of its exceptions."""
 
@@ -128,9 +133,14 @@ class Storage(ABC):
     """A bucket (or directory) the worker downloads inputs from and uploads results to.
 
     Names are object keys relative to the bucket URL's prefix, as the Kiosk
-    writes ``input_file_name``; full ``scheme://bucket/key`` URLs of the same
-    scheme are accepted too.
+    writes ``input_file_name``; full ``scheme://bucket/key`` URLs are accepted only
+    for the configured bucket and under its prefix (a job's fields come from a public
+    form: the worker's credentials must not reach other buckets). ``..`` segments are
+    refused, and so are inputs over ``max_input_bytes`` (checked before the download).
     """
+
+    #: The backend checks ``max_input_bytes`` itself from its GET reply (no extra HEAD).
+    size_on_get = False
 
     def __init__(
         self,
@@ -142,8 +152,13 @@ class Storage(ABC):
         backoff: float = 0.5,
         max_backoff: float = MAX_BACKOFF,
         sleep: Callable[[float], object] | None = None,
+        max_input_bytes: int | None = None,
     ) -> None:
+        from kiosk_protocol.settings import Settings
+
         self.location = location
+        #: Largest object ``download`` / ``readable_path`` fetch (MAX_INPUT_BYTES); 0 = no limit.
+        self.max_input_bytes = Settings.max_input_bytes if max_input_bytes is None else int(max_input_bytes)
         self.public = public
         self.url_expiry = max(1, min(int(url_expiry), MAX_SIGNED_URL_EXPIRY))
         self.attempts = max(0, int(max_retry)) + 1
@@ -165,6 +180,7 @@ class Storage(ABC):
         """Fetch an object into ``dest_dir``; return the local file path."""
         bucket, key = self.resolve(path_or_url)
         os.makedirs(dest_dir, exist_ok=True)
+        self.check_input_size(path_or_url, bucket, key)
         dest = os.path.join(dest_dir, safe_basename(key))
         fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-")
         try:
@@ -181,6 +197,19 @@ class Storage(ABC):
             _remove_quietly(tmp)
             raise
         return dest
+
+    def check_input_size(self, path_or_url: str, bucket: str, key: str) -> None:
+        """Refuse an object over ``max_input_bytes`` from its size (HEAD / stat), before any byte
+        of it is read; a missing object raises InputNotFound as a download would."""
+        if self.max_input_bytes <= 0 or self.size_on_get:
+            return
+        size = self._call("download", path_or_url, bucket, lambda: self._size(bucket, key), reading=True)
+        if size > self.max_input_bytes:
+            raise self.too_big(path_or_url, size)
+
+    def too_big(self, name: str, size: int) -> InputRefused:
+        return InputRefused(f"input file {name!r} is {size} bytes, over the limit of "
+                            f"{self.max_input_bytes} (MAX_INPUT_BYTES)")
 
     def readable_path(self, path_or_url: str, dest_dir: str) -> str:
         """A local file with the object's content, for reading only (never modify or remove it).
@@ -243,6 +272,7 @@ class Storage(ABC):
         if not text:
             raise StorageError(f"no input file name given for {self.url}")
         if "://" not in text:
+            _refuse_dot_dot(text, path_or_url)
             return self.location.bucket, self.location.key(text)
         parts = urlsplit(text)
         if parts.scheme.lower() != self.location.scheme:
@@ -250,6 +280,11 @@ class Storage(ABC):
         key = unquote(parts.path).lstrip("/")
         if not parts.netloc or not key:
             raise StorageError(f"storage URL {text!r} names no object")
+        _refuse_dot_dot(key, path_or_url)
+        prefix = self.location.prefix
+        if parts.netloc != self.location.bucket or (prefix and not key.startswith(prefix + "/")):
+            raise InputRefused(f"storage URL {text!r} is outside {self.url}: only objects of the "
+                               "configured bucket (and prefix) are read")
         return parts.netloc, key
 
     # ---- retries and error wording ---------------------------------------
@@ -309,6 +344,10 @@ class Storage(ABC):
         return buf.getvalue()
 
     @abstractmethod
+    def _size(self, bucket: str, key: str) -> int:
+        """The object's size in bytes, without reading it (raise the not-found error if absent)."""
+
+    @abstractmethod
     def _put_file(self, key: str, local_path: str) -> None:
         """Store a local file under ``key`` in the configured bucket."""
 
@@ -327,6 +366,12 @@ class Storage(ABC):
     @abstractmethod
     def _make_url(self, key: str) -> str:
         """Signed (default) or public URL for a key in the configured bucket."""
+
+
+def _refuse_dot_dot(key: str, shown: str) -> None:
+    """Object names with ``..`` segments are refused: no backend should have to interpret them."""
+    if ".." in key.replace("\\", "/").split("/"):
+        raise InputRefused(f"input file name {shown!r} has a '..' segment")
 
 
 def _remove_quietly(path: str) -> None:

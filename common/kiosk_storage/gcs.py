@@ -174,6 +174,14 @@ class GCSStorage(Storage):
                         "are uploaded without publicRead; grant allUsers read access on the bucket", self.url)
             put(None)
 
+    def _size(self, bucket: str, key: str) -> int:
+        import google.api_core.exceptions as gexc
+
+        blob = self.client.bucket(bucket).get_blob(key, retry=None, timeout=TIMEOUT)
+        if blob is None:
+            raise gexc.NotFound(f"object {key} not found")
+        return int(blob.size or 0)
+
     def _exists(self, bucket: str, key: str) -> bool:
         return bool(self._blob(bucket, key).exists(retry=None, timeout=TIMEOUT))
 

@@ -1,7 +1,8 @@
 """A local directory as the bucket (``file:///abs/dir``): demos, tests, shared volumes.
 
-Names may not escape the directory (``../`` or absolute paths outside it), so a
-job hash cannot make the worker read or overwrite arbitrary files. Writes go
+Names may not escape the directory (``../`` or absolute paths outside it), and
+no path component below the root may be a symlink (nor resolve outside the root),
+so a job hash cannot make the worker read or overwrite arbitrary files. Writes go
 to a temporary file first and are renamed into place, so readers never see a
 half-written result. The output URL is the plain absolute path.
 """
@@ -14,7 +15,7 @@ import tempfile
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from kiosk_storage.base import Fault, Location, Storage, StorageError
+from kiosk_storage.base import Fault, InputRefused, Location, Storage, StorageError, _refuse_dot_dot
 
 
 class LocalStorage(Storage):
@@ -32,6 +33,7 @@ class LocalStorage(Storage):
         text = path_or_url.strip()
         if not text:
             raise StorageError(f"no input file name given for {self.url}")
+        _refuse_dot_dot(unquote(text), path_or_url)
         if text.startswith("file://"):
             parts = urlsplit(text)
             if parts.netloc not in ("", "localhost"):
@@ -47,12 +49,26 @@ class LocalStorage(Storage):
         """The key of an absolute path, refusing anything outside the root directory."""
         root = os.path.normpath(self.root)
         if full == root or not full.startswith(root.rstrip("/") + "/"):
-            raise StorageError(f"file {shown!r} is outside {self.url}")
+            raise InputRefused(f"file {shown!r} is outside {self.url}")
         return os.path.relpath(full, root)
 
     def _path(self, key: str) -> str:
         full = os.path.normpath(os.path.join(self.root, key))
-        return os.path.join(self.root, self._inside(full, key))
+        path = os.path.join(self.root, self._inside(full, key))
+        self._no_links(path, key)
+        return path
+
+    def _no_links(self, path: str, shown: str) -> None:
+        """Refuse a path with a symlink below the root, or one that resolves outside it."""
+        root = os.path.realpath(self.root)
+        current = self.root
+        for part in os.path.relpath(path, self.root).split(os.sep):
+            current = os.path.join(current, part)
+            if os.path.islink(current):
+                raise InputRefused(f"file {shown!r} in {self.url} is a symbolic link (or passes through one)")
+        real = os.path.realpath(path)
+        if real != root and not real.startswith(root.rstrip("/") + "/"):
+            raise InputRefused(f"file {shown!r} resolves outside {self.url}")
 
     def _classify(self, exc: BaseException) -> Fault:
         if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
@@ -65,6 +81,7 @@ class LocalStorage(Storage):
         """The object's own file: the bucket is a local directory, so nothing is copied."""
         bucket, key = self.resolve(path_or_url)
         path = self._path(key)
+        self.check_input_size(path_or_url, bucket, key)
 
         def check() -> str:
             if not os.path.isfile(path):
@@ -104,6 +121,12 @@ class LocalStorage(Storage):
 
     def _put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomically(key, lambda out: out.write(data))
+
+    def _size(self, bucket: str, key: str) -> int:
+        path = self._path(key)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        return os.stat(path).st_size
 
     def _exists(self, bucket: str, key: str) -> bool:
         return os.path.isfile(self._path(key))

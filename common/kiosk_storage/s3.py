@@ -121,9 +121,15 @@ class S3Storage(Storage):
             return Fault.TRANSIENT
         return Fault.OTHER
 
+    #: MAX_INPUT_BYTES is checked from the GET reply's Content-Length, before the body is read.
+    size_on_get = True
+
     def _get_to_file(self, bucket: str, key: str, fh: BinaryIO) -> None:
         response = self.client.get_object(Bucket=bucket, Key=key)
         with response["Body"] as body:
+            size = int(response.get("ContentLength") or 0)
+            if 0 < self.max_input_bytes < size:
+                raise self.too_big(key, size)
             shutil.copyfileobj(body, fh, 1 << 20)
 
     def _put_file(self, key: str, local_path: str) -> None:
@@ -154,6 +160,9 @@ class S3Storage(Storage):
             log.warning("storage %s does not accept object ACLs (Object Ownership enforced): results are "
                         "uploaded without public-read; make them public with a bucket policy", self.url)
             put({})
+
+    def _size(self, bucket: str, key: str) -> int:
+        return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
 
     def _exists(self, bucket: str, key: str) -> bool:
         try:

@@ -15,7 +15,7 @@ from kiosk_model_server.synthetic import make_cells
 
 
 def submit_cells(client: redis.Redis, bucket: Path, count: int, queue: str = "segmentation",
-                 shape: tuple[int, int] = (96, 96), n_cells: int = 6) -> dict[str, np.ndarray]:
+                 shape: tuple[int, int] = (128, 128), n_cells: int = 8) -> dict[str, np.ndarray]:
     """``count`` synthetic cell images saved as TIFF, submitted as Kiosk jobs; job key -> true labels."""
     truths: dict[str, np.ndarray] = {}
     for seed in range(count):

@@ -24,7 +24,9 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc as tf_ps_grpc
 
 from harness.ports import free_port
 from kiosk_model_server import ModelServer
-from kiosk_model_server.synthetic import make_cells, make_timelapse
+from kiosk_model_server.models import segment_frame
+from kiosk_model_server.synthetic import REGIMES, as_regime, make_cells, make_timelapse
+from kiosk_worker.pipeline import histogram_normalization
 from kiosk_worker.tfs.client import InvalidModelInput, TFServingClient
 from kiosk_worker.tfs.protos import get_model_status_pb2, model_service_pb2_grpc
 
@@ -48,6 +50,11 @@ def matched_iou(truth: np.ndarray, pred: np.ndarray) -> float:
     scores = np.zeros(iou.shape[0])
     scores[rows] = iou[rows, cols]
     return float(scores.mean())
+
+
+def normalized(image: np.ndarray) -> np.ndarray:
+    """(H, W) -> (1, H, W, 1) as the worker's pipeline sends it (deepcell histogram normalization)."""
+    return histogram_normalization(image[None, ..., None])
 
 
 def _touching_pairs(labels: np.ndarray) -> int:
@@ -104,7 +111,7 @@ def test_make_timelapse_lineage() -> None:
     ((256, 256), 20, 0), ((256, 256), 40, 1), ((128, 192), 10, 2), ((512, 512), 60, 3)])
 def test_segmentation_recovers_synthetic_cells(client: TFServingClient, shape, n_cells, seed) -> None:
     image, truth = make_cells(shape, n_cells=n_cells, seed=seed)
-    out = client.predict("segmentation", 1, {"image": image[None, ..., None]})
+    out = client.predict("segmentation", 1, {"image": normalized(image)})
     pred = deep_watershed(out["foreground"][0, ..., 0], out["inner_distance"][0, ..., 0])
     assert matched_iou(truth, pred) >= 0.8
 
@@ -122,7 +129,7 @@ def test_mesmer_batch_two_channels_and_8bit_intensities(client: TFServingClient)
     (a, ta), (b, tb) = make_cells(seed=4), make_cells(seed=5)
     batch = np.stack([np.stack([a, np.zeros_like(a)], -1),
                       np.stack([np.clip(b * 255, 0, 255).round(), np.ones_like(b)], -1)])
-    out = client.predict("mesmer", 1, {"image": batch.astype(np.float32)})
+    out = client.predict("mesmer", 1, {"image": histogram_normalization(batch)})
     for i, truth in enumerate((ta, tb)):
         pred = deep_watershed(out["foreground"][i, ..., 0], out["inner_distance"][i, ..., 0])
         assert matched_iou(truth, pred) >= 0.8
@@ -135,6 +142,7 @@ def test_fixed_tile_size() -> None:
         assert meta["inputs"]["image"]["shape"] == [-1, 128, 128, 1]
         assert meta["outputs"]["foreground"]["shape"] == [-1, 128, 128, 1]
         image, truth = make_cells((256, 256), n_cells=20, seed=6)
+        image = normalized(image)[0, ..., 0]
         with pytest.raises(InvalidModelInput, match=r"\[-1, 128, 128, 1\]"):
             tfs.predict("segmentation", 1, {"image": image[None, ..., None]})
         tiles = image.reshape(2, 128, 2, 128).transpose(0, 2, 1, 3).reshape(4, 128, 128, 1)
@@ -146,12 +154,45 @@ def test_fixed_tile_size() -> None:
         tfs.close()
 
 
+@pytest.mark.parametrize("regime", [r for r in REGIMES if r != "float"])
+def test_stand_in_fails_without_the_pipelines_normalization(regime: str) -> None:
+    """Like a real DeepCell model, the stand-in finds nothing in raw intensities: a worker that
+    skips histogram normalization fails the end-to-end tests. (Raw floats already in 0..1 are
+    the one regime it cannot tell apart by their statistics.)"""
+    image, truth = make_cells((256, 256), 20, seed=30)
+    raw = as_regime(image, truth, regime, seed=30).astype(np.float32)
+    fg, inner = segment_frame(raw)
+    assert not fg.any() and not inner.any()
+    assert deep_watershed(fg, inner).max() == 0
+    fg, inner = segment_frame(normalized(raw)[0, ..., 0])
+    assert matched_iou(truth, deep_watershed(fg, inner)) >= 0.8
+
+
+@pytest.mark.parametrize("radius", [34.0, 40.0])
+def test_stand_in_fails_at_the_wrong_resolution(radius: float) -> None:
+    """Cells far larger than at the model's resolution (a missing resize by a scale < 1) give
+    nothing; brought to the model's resolution, the same cells are found. (Cells a few pixels
+    across are still found, so a missing resize by a scale > 1 is not caught this way.)"""
+    from skimage.transform import resize
+
+    size = int(radius * 16)
+    image, truth = make_cells((size, size), 12, seed=31, radius=radius)
+    fg, inner = segment_frame(normalized(image)[0, ..., 0])
+    assert deep_watershed(fg, inner).max() == 0
+    factor = 12.0 / radius
+    shape = (int(size * factor), int(size * factor))
+    resized = resize(image, shape, order=1, preserve_range=True).astype(np.float32)
+    fg, inner = segment_frame(normalized(resized)[0, ..., 0])
+    assert deep_watershed(fg, inner).max() >= 8
+
+
 # -- TF Serving's own client against our server ---------------------------
 
 def test_upstream_client_against_our_server(model_server: ModelServer) -> None:
     channel = grpc.insecure_channel(model_server.address)
     stub = tf_ps_grpc.PredictionServiceStub(channel)
     image, truth = make_cells(seed=2)
+    image = normalized(image)[0, ..., 0]
     req = tf_predict.PredictRequest()
     req.model_spec.name = "segmentation"
     req.model_spec.version.value = 2

@@ -51,6 +51,7 @@ def test_cells_are_segmented_like_the_ground_truth(redis_client, redis_server, m
         (labels,) = result_labels(bucket, job)
         assert labels.dtype == np.int32 and labels.shape == truths[key].shape
         assert mean_matched_iou(labels, truths[key]) >= 0.8
+        assert int(job["object_count"]) == len(np.unique(labels[labels > 0])) > 0
         assert 0 < redis_client.ttl(key) <= 3600
     # Nothing left in flight, worker gone from the registry, output names unique.
     assert redis_client.llen(protocol.processing_key("segmentation", "test-worker")) == 0

@@ -32,6 +32,7 @@ from harness.storage_servers import (  # noqa: F401 - fixtures
 from kiosk_protocol.settings import load_settings
 from kiosk_storage import (
     InputNotFound,
+    InputRefused,
     Storage,
     StorageConfigError,
     StorageError,
@@ -416,7 +417,7 @@ def test_local_url_is_plain_path_and_escapes_rejected(tmp_path: Path, input_file
     assert Path(url).read_bytes() == PAYLOAD
     assert storage.read_bytes(f"file://{root}/{name}") == PAYLOAD
     for bad in ("../secret.tif", "/etc/passwd", "file:///etc/passwd"):
-        with pytest.raises(StorageError, match="outside"):
+        with pytest.raises(StorageError, match=r"outside|'\.\.' segment"):
             storage.download(bad, str(tmp_path / "dl"))
     with pytest.raises(StorageError, match="outside"):
         storage.upload_bytes(b"x", "../../escape.txt")
@@ -482,7 +483,8 @@ def test_5xx_is_retried_then_succeeds(flaky: tuple[str, FlakyProxy, str], input_
     before = proxy.requests
     path = storage.download(name, str(tmp_path / "dl"))
     assert Path(path).read_bytes() == PAYLOAD
-    assert proxy.requests - before == 3
+    # two 500s, then the GET (S3 checks MAX_INPUT_BYTES from its Content-Length; GCS asks first)
+    assert proxy.requests - before == (3 if kind == "s3" else 4)
 
 
 def test_exhausted_5xx_retries_end_in_one_line_error(flaky: tuple[str, FlakyProxy, str],
@@ -546,3 +548,68 @@ def test_gcs_connection_refused_is_retried_then_fails(tmp_path: Path, monkeypatc
     assert str(info.value).startswith("storage gs://gone unavailable after 3 attempts (download 'in.tif')")
     assert len([r for r in caplog.records if "retry" in r.getMessage()]) == 2
     assert os.listdir(tmp_path) == []
+
+
+# --- hostile input_file_name (fields come from a public form) ---------------------------------
+
+
+def test_urls_outside_the_bucket_or_prefix_are_refused(backend: Factory, request: pytest.FixtureRequest,
+                                                       tmp_path: Path) -> None:
+    """A full URL reaches only the configured bucket and prefix: the worker's credentials must
+    not read other buckets (which exist and hold the object here, on the real server)."""
+    storage = backend()
+    storage.upload_bytes(b"mine", "in.tif")
+    scheme = storage.location.scheme
+    if scheme == "file":
+        other = tmp_path / "other"
+        other_url = f"file://{other}"
+    else:
+        server = request.getfixturevalue("s3_server" if scheme == "s3" else "gcs_server")
+        other_url = f"{scheme}://{server.create_bucket()}/jobs"
+    other_storage = open_storage(other_url, endpoint=getattr(storage, "endpoint", ""), max_retry=0)
+    other_storage.upload_bytes(b"theirs", "in.tif")
+    assert other_storage.read_bytes("in.tif") == b"theirs"
+
+    assert storage.read_bytes(f"{storage.url}/in.tif") == b"mine"  # the same bucket: fine
+    refused = [f"{other_url}/in.tif", "sub/../in.tif", f"{storage.url}/sub/../in.tif"]
+    if scheme != "file":  # the same bucket, outside the prefix 'jobs'
+        refused.append(f"{scheme}://{storage.location.bucket}/elsewhere/in.tif")
+    for name in refused:
+        with pytest.raises(InputRefused) as info:
+            storage.download(name, str(tmp_path / "dl"))
+        assert "\n" not in str(info.value) and ("outside" in str(info.value) or "'..'" in str(info.value))
+    assert not (tmp_path / "dl").exists() or not any((tmp_path / "dl").iterdir())
+
+
+def test_inputs_over_max_input_bytes_are_refused_before_download(backend: Factory, tmp_path: Path) -> None:
+    storage = backend(MAX_INPUT_BYTES=str(len(PAYLOAD) - 1))
+    storage.upload_bytes(PAYLOAD, "big.tif")
+    for fetch in (storage.download, storage.readable_path):
+        with pytest.raises(InputRefused, match=rf"is {len(PAYLOAD)} bytes, over the limit of "
+                                               rf"{len(PAYLOAD) - 1} \(MAX_INPUT_BYTES\)"):
+            fetch("big.tif", str(tmp_path / "dl"))
+    assert not any((tmp_path / "dl").iterdir())  # nothing written, not even a partial file
+    exact = backend(MAX_INPUT_BYTES=str(len(PAYLOAD)))
+    assert Path(exact.download("big.tif", str(tmp_path / "ok"))).read_bytes() == PAYLOAD
+    with pytest.raises(InputNotFound):  # a missing input is still "not found"
+        storage.download("nope.tif", str(tmp_path / "dl"))
+
+
+def test_local_symlinks_are_refused(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    secret = tmp_path / "secret.tif"
+    secret.write_bytes(b"secret")
+    (root / "real.tif").write_bytes(b"fine")
+    (root / "out.tif").symlink_to(secret)
+    (root / "in.tif").symlink_to(root / "real.tif")
+    (root / "dir").symlink_to(tmp_path)
+    storage = storage_from_env({"STORAGE_BUCKET": f"file://{root}"})
+    assert storage.read_bytes("real.tif") == b"fine"
+    for name in ("out.tif", "in.tif", "dir/secret.tif", f"file://{root}/out.tif"):
+        for fetch in (storage.download, storage.readable_path):
+            with pytest.raises(InputRefused, match="symbolic link"):
+                fetch(name, str(tmp_path / "dl"))
+    with pytest.raises(InputRefused, match="symbolic link"):
+        storage.upload_bytes(b"x", "dir/planted.txt")
+    assert not (tmp_path / "planted.txt").exists()

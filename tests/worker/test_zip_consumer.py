@@ -29,7 +29,7 @@ N_IMAGES = 4
 #: Fields a segmentation worker writes to a child (beyond the submission fields it was given).
 WORKER_FIELDS = {"identity_started", "updated_by", "output_url", "output_file_name", "finished_at",
                  "total_time", "download_time", "upload_time", "predict_time", "postprocess_time",
-                 "preprocess_time", "total_jobs", "reason"}
+                 "preprocess_time", "total_jobs", "reason", "object_count", "attempts"}
 EXPIRE_TIME = 600
 MAX_ZIP_MEMBERS = 20
 MAX_ZIP_BYTES = 4 << 20

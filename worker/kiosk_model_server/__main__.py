@@ -35,9 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8500, help="port (0 = pick a free one)")
     p.add_argument("--models", default="segmentation,null",
                    help="comma-separated models; NAME or NAME=KIND with KIND one of "
-                        "segmentation, mesmer, null, identity, or a Kiosk default model "
+                        "segmentation, mesmer, mesmer-panoptic (deepcell's Mesmer signature), "
+                        "spot (deepcell-spots' signature), null, identity, or a Kiosk default model "
                         "(NuclearSegmentation, CytoplasmSegmentation, PhaseCytoSegmentation, "
-                        "MultiplexSegmentation: also serves the version the Kiosk asks for)")
+                        "MultiplexSegmentation, SpotDetection: also serves the version the Kiosk "
+                        "asks for)")
     p.add_argument("--versions", type=_int_list, default=(1,), help="versions served, e.g. 1,2")
     p.add_argument("--tile", type=int, default=None,
                    help="fixed input height/width of segmentation models (default: any)")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["make_cells", "make_timelapse"]
+__all__ = ["REGIMES", "as_regime", "make_cells", "make_timelapse"]
 
 BACKGROUND = 0.05
 NOISE = 0.03
@@ -107,15 +107,49 @@ def _render(shape: tuple[int, int], cells: list[_Cell],
 
 
 def make_cells(shape: tuple[int, int] = (256, 256), n_cells: int = 20, seed: int = 0,
-               touching: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               touching: bool = True, radius: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic image: ``(image float32 HxW, labels int32 HxW)``.
 
-    Labels are 1..k (k <= n_cells if the image is too crowded), 0 = background.
+    Labels are 1..k (k <= n_cells if the image is too crowded), 0 = background. ``radius``
+    (pixels) sets the typical cell size; by default cells cover about a quarter of the image.
+    The image is float intensities ~0.05 (background) to ~1 (cell centres); ``as_regime``
+    turns it into what microscopes write.
     """
     shape = (int(shape[0]), int(shape[1]))
     rng = np.random.default_rng(seed)
-    cells = _place(rng, shape, n_cells, touching, _default_radius(shape, n_cells))
+    r0 = float(radius) if radius else _default_radius(shape, n_cells)
+    cells = _place(rng, shape, n_cells, touching, r0)
     return _render(shape, cells, rng)
+
+
+#: Intensity regimes of ``as_regime``: what real microscopy images look like on disk.
+REGIMES = ("uint8", "uint16-low", "uint16", "float", "float-offset")
+
+
+def as_regime(image: np.ndarray, labels: np.ndarray, regime: str, seed: int = 0) -> np.ndarray:
+    """A ``make_cells`` image as a microscope would save it.
+
+    * ``uint8``: 8 bits over the full range 0..255;
+    * ``uint16-low``: 16 bits with a low dynamic range: cells at ~300-1,000 over a noisy
+      background of ~100 (a typical camera: most of the 65,535 levels unused);
+    * ``uint16``: 16 bits over the full range;
+    * ``float``: floats in 0..1;
+    * ``float-offset``: floats with an offset and noise that goes negative (background-subtracted).
+    """
+    rng = np.random.default_rng(seed + 1000)
+    unit = np.clip((image - BACKGROUND) / (1.0 - BACKGROUND), 0.0, 1.0)
+    if regime == "uint8":
+        return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    if regime == "uint16-low":
+        out = 100 + rng.normal(0.0, 10.0, image.shape) + (labels > 0) * (300 + 700 * unit)
+        return np.round(np.clip(out, 0, 65535)).astype(np.uint16)
+    if regime == "uint16":
+        return np.round(np.clip(image, 0, 1) * 65535).astype(np.uint16)
+    if regime == "float":
+        return np.clip(image, 0, 1).astype(np.float32)
+    if regime == "float-offset":
+        return (image * 0.8 - 0.25 + rng.normal(0.0, 0.02, image.shape)).astype(np.float32)
+    raise ValueError(f"unknown regime {regime!r} (one of {', '.join(REGIMES)})")
 
 
 def _step(rng: np.random.Generator, cells: list[_Cell], shape: tuple[int, int],

@@ -28,6 +28,7 @@ from typing import BinaryIO
 import numpy as np
 
 from kiosk_protocol.errors import describe
+from kiosk_protocol.settings import env_setting
 from kiosk_worker.errors import BadImage, ImageTooLarge, InputMissing, ModelMismatch, UnsupportedFormat
 
 __all__ = [
@@ -50,6 +51,11 @@ _EXTENSIONS = {".tif": "tiff", ".tiff": "tiff", ".png": "png", ".jpg": "jpeg", "
 _BATCH_AXES = "BTZSN"
 #: Longest decoder message quoted in a BadImage reason.
 ERROR_LIMIT = 120
+#: TIFF compressions decoded (tifffile COMPRESSION names): the common lossless ones, baseline
+#: JPEG and WebP. Any other codec imagecodecs happens to have (JPEG 2000, JPEG XL, LERC, ...)
+#: is refused by name: each is more decoder surface for a job from a public form.
+TIFF_COMPRESSIONS = frozenset({"NONE", "LZW", "JPEG", "ADOBE_DEFLATE", "DEFLATE", "PACKBITS",
+                               "LZMA", "ZSTD", "WEBP"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,17 @@ class ImageInfo:
     format: str
     shape: tuple[int, ...]
     dtype: str | None = None
+    #: Bytes per sample (decoded), when the header does not give a numpy dtype (PNG, JPEG).
+    itemsize: int = 1
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes the decoded array takes: every axis (frames included) x bytes per sample."""
+        size = np.dtype(self.dtype).itemsize if self.dtype else self.itemsize
+        total = size
+        for dim in self.shape:
+            total *= int(dim)
+        return total
 
 
 def detect_format(path: str) -> str:
@@ -108,8 +125,12 @@ def read_header(path: str) -> ImageInfo:
             return ImageInfo(fmt, tuple(int(s) for s in shape), str(dtype))
         with open(path, "rb") as fh:
             height, width, bands = _png_header(fh) if fmt == "png" else _jpeg_header(fh)
+            itemsize = 1
+            if fmt == "png":
+                fh.seek(24)
+                itemsize = 2 if fh.read(1) == b"\x10" else 1
         shape = (height, width) if bands == 1 else (height, width, bands)
-        return ImageInfo(fmt, shape, None)
+        return ImageInfo(fmt, shape, None, itemsize)
     except BadImage:
         raise
     except Exception as err:
@@ -162,8 +183,15 @@ def _jpeg_header(fh: BinaryIO) -> tuple[int, int, int]:
         fh.seek(length - 2, 1)
 
 
-def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order: str = "") -> None:
-    """Reject images over the limits using only the header."""
+def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order: str = "",
+               max_decoded_bytes: int | None = None) -> None:
+    """Reject images over the limits using only the header: height, width and the decoded
+    size (every frame and channel; MAX_DECODED_BYTES from the environment when None)."""
+    limit = env_setting("max_decoded_bytes") if max_decoded_bytes is None else max_decoded_bytes
+    if info.decoded_bytes > limit:
+        what = "x".join(str(d) for d in info.shape) + (f" {info.dtype}" if info.dtype else "")
+        raise ImageTooLarge(f"image {what} decodes to {info.decoded_bytes} bytes, over the limit of "
+                            f"{limit} (MAX_DECODED_BYTES)")
     shape = _with_channel_axis(info.format, info.shape, dimension_order)
     if len(shape) < 2:
         raise BadImage(f"image has {len(shape)} dimension(s); at least height and width are needed")
@@ -179,15 +207,17 @@ def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order
 
 
 def load_image(path: str, max_height: int = 8192, max_width: int = 8192,
-               dimension_order: str = "") -> np.ndarray:
-    """Header check, then decode; returns the raw array (any rank)."""
+               dimension_order: str = "", max_decoded_bytes: int | None = None) -> np.ndarray:
+    """Header check (size, decoded bytes, TIFF compression), then decode; returns the raw
+    array (any rank). ``max_decoded_bytes`` None reads MAX_DECODED_BYTES."""
     if not os.path.isfile(path):
         raise InputMissing(f"input file not found: {os.path.basename(path)}")
     fmt = detect_format(path)
     if fmt == "tiff":
-        array = _load_tiff(path, max_height, max_width, dimension_order)
+        array = _load_tiff(path, max_height, max_width, dimension_order, max_decoded_bytes)
     else:
-        array = _load_other(path, read_header(path), max_height, max_width, dimension_order)
+        array = _load_other(path, read_header(path), max_height, max_width, dimension_order,
+                            max_decoded_bytes)
         if array.ndim == 2 and len(_with_channel_axis(fmt, array.shape, dimension_order)) == 3:
             array = array[..., np.newaxis]
     name = os.path.basename(path)
@@ -205,7 +235,20 @@ def _tiff_info(tif: object, name: str) -> ImageInfo:
     return ImageInfo("tiff", tuple(int(s) for s in series[0].shape), str(series[0].dtype))
 
 
-def _load_tiff(path: str, max_height: int, max_width: int, dimension_order: str) -> np.ndarray:
+def _tiff_compressions(tif: object) -> set[str]:
+    """Compression names of every page of the first series (the one decoded)."""
+    names = set()
+    for page in tif.series[0].pages:  # type: ignore[attr-defined]
+        if page is None:
+            continue
+        page = getattr(page, "keyframe", None) or page
+        value = page.compression
+        names.add(getattr(value, "name", str(value)))
+    return names
+
+
+def _load_tiff(path: str, max_height: int, max_width: int, dimension_order: str,
+               max_decoded_bytes: int | None = None) -> np.ndarray:
     """Header check and decode through one open TiffFile (as read_header, then imread)."""
     import tifffile
 
@@ -221,7 +264,15 @@ def _load_tiff(path: str, max_height: int, max_width: int, dimension_order: str)
             raise
         except Exception as err:
             raise BadImage(f"cannot read TIFF header of '{name}': {describe(err, ERROR_LIMIT)}") from None
-        check_size(info, max_height, max_width, dimension_order)
+        check_size(info, max_height, max_width, dimension_order, max_decoded_bytes)
+        try:
+            refused = sorted(_tiff_compressions(tif) - TIFF_COMPRESSIONS)
+        except Exception as err:
+            raise BadImage(f"cannot read TIFF header of '{name}': {describe(err, ERROR_LIMIT)}") from None
+        if refused:
+            raise UnsupportedFormat(
+                f"TIFF '{name}' uses compression {', '.join(refused)}, which is not accepted"
+                f" (use one of {', '.join(sorted(TIFF_COMPRESSIONS))})")
         try:
             return tif.asarray()
         except Exception as err:
@@ -229,8 +280,8 @@ def _load_tiff(path: str, max_height: int, max_width: int, dimension_order: str)
 
 
 def _load_other(path: str, info: ImageInfo, max_height: int, max_width: int,
-                dimension_order: str) -> np.ndarray:
-    check_size(info, max_height, max_width, dimension_order)
+                dimension_order: str, max_decoded_bytes: int | None = None) -> np.ndarray:
+    check_size(info, max_height, max_width, dimension_order, max_decoded_bytes)
     name = os.path.basename(path)
     try:
         if info.format == "npy":
@@ -314,7 +365,8 @@ def to_nhwc(array: np.ndarray, dimension_order: str = "") -> np.ndarray:
     return moved.reshape((-1, h, w, c))
 
 
-def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -> np.ndarray:
+def fit_channels(image: np.ndarray, channels: str, model_channels: int | None,
+                 max_entries: int | None = None) -> np.ndarray:
     """Pick the job's ``channels`` for one model and match the model's channel count.
 
     ``channels`` as the Kiosk frontend writes it: '0,1', '0,' (one channel: blank entries
@@ -322,9 +374,15 @@ def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -
     that is what makes the count match a model with a fixed channel count (e.g. ',2' for a
     two-channel model: no nuclear channel, channel 2 second); otherwise they are dropped.
     '' keeps every channel. ``model_channels`` None means the model accepts any count.
+    Every check (at most ``max_entries`` entries, MAX_CHANNEL_ENTRIES when None; indexes in
+    the image; the model's count) comes before a channel is copied.
     """
     text = (channels or "").strip()
     if text:
+        limit = env_setting("max_channel_entries") if max_entries is None else max_entries
+        count = text.count(",") + 1
+        if count > limit:
+            raise BadImage(f"channels lists {count} entries, more than MAX_CHANNEL_ENTRIES ({limit})")
         entries: list[int | None] = []
         for part in text.split(","):
             part = part.strip()
@@ -343,6 +401,10 @@ def fit_channels(image: np.ndarray, channels: str, model_channels: int | None) -
             entries = [e for e in entries if e is not None]
         if not entries:
             raise BadImage(f"channels '{channels}' names no channel")
+        if model_channels is not None and model_channels > 0 and len(entries) != model_channels:
+            raise ModelMismatch(  # before the copy; the wording of the check below
+                f"image has {len(entries)} channel(s) but the model expects {model_channels};"
+                " set 'channels' to choose them")
         blank = np.zeros(image.shape[:-1], dtype=image.dtype)
         image = np.stack([blank if e is None else image[..., e] for e in entries], axis=-1)
     if model_channels is not None and model_channels > 0 and image.shape[-1] != model_channels:

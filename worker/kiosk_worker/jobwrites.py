@@ -18,7 +18,7 @@ import redis
 import kiosk_protocol as protocol
 from kiosk_protocol.errors import printable
 from kiosk_protocol.fields import FINISHED_AT, REASON, STATUS, TOTAL_TIME
-from kiosk_protocol.jobs import FieldTooLarge, NotAJobHash
+from kiosk_protocol.jobs import FieldTooLarge, NotAJobHash, TooManyAttempts
 from kiosk_protocol.keys import DEAD_LETTER_PREFIX
 from kiosk_worker.errors import Cancelled, JobError
 from kiosk_worker.work import WorkItem
@@ -60,7 +60,8 @@ class JobWriter:
         """Mark the job started (+identity_started if ``announce``): (its fields, the status it
         had), or (None, why) when it is to be skipped; an item that is not a job hash is skipped
         too, and ``skip`` moves it to the dead-letter list. A field longer than MAX_FIELD_BYTES
-        raises JobError (the job fails with that reason, nothing else was done)."""
+        raises JobError (the job fails with that reason, nothing else was done), and so does a
+        job taken MAX_ATTEMPTS times already: "worker died N times on this job"."""
         self._guard(key)
         self._not_a_job = None
         try:
@@ -69,7 +70,7 @@ class JobWriter:
             self._not_a_job = key
             return None, (f"not a job hash but a {printable(err.kind, 20)}; moved to the dead-letter "
                           f"list of its queue ({DEAD_LETTER_PREFIX}{{queue}})")
-        except FieldTooLarge as err:
+        except (FieldTooLarge, TooManyAttempts) as err:
             raise JobError(str(err)) from None
 
     def update(self, key: str, data: Mapping[str, Any]) -> None:
@@ -98,9 +99,12 @@ class JobWriter:
         """End the job ``status`` (the failed one) with a one-line ``reason``."""
         self.finish(item, status, {REASON: reason}, seconds)
 
-    def put_back(self, item: WorkItem, status: str) -> None:
-        """Keep the job alive: write ``status`` and move it to the back of its queue."""
+    def put_back(self, item: WorkItem, status: str, announced: bool = True) -> None:
+        """Keep the job alive: write ``status`` and move it to the back of its queue (the
+        take does not count against MAX_ATTEMPTS when it was counted: ``announced``)."""
         self.update(item.key, {STATUS: status})
+        if announced:
+            self.store.forgive_attempt(item.key)
         self.store.requeue(item.queue, item.key, front=False)
 
     def skip(self, item: WorkItem) -> None:
@@ -121,7 +125,8 @@ class JobWriter:
         self.cancel()
         returned = self.store.requeue(item.queue, item.key, front=True)
         if returned and reset:
-            try:
+            try:  # a graceful give-back: the take does not count against MAX_ATTEMPTS
+                self.store.forgive_attempt(item.key)
                 self.store.update(item.key, {STATUS: protocol.NEW})
             except redis.RedisError:
                 pass

@@ -94,7 +94,8 @@ class Runner:
             client = connect(settings.redis_config())
         self.client = client
         self.store = protocol.JobStore(client, self.name, settings.expire_time,
-                                       max_field_bytes=settings.max_field_bytes)
+                                       max_field_bytes=settings.max_field_bytes,
+                                       max_attempts=settings.max_attempts)
         self.max_jobs = settings.max_jobs if max_jobs is None else max_jobs
         self._storage = storage
         self.consumer = consumer

@@ -1,8 +1,11 @@
 """Cut images larger than a model's fixed input into overlapping tiles, and stitch back.
 
-Neighbouring tiles overlap; every output pixel is taken from the tile in
-which it lies farthest from an edge (the boundary sits in the middle of each
-overlap), so border effects of the model stay inside the discarded margins.
+Neighbouring tiles overlap (deepcell's tile_image: a quarter of the tile by default).
+``untile`` blends them as deepcell-toolbox's ``untile_image`` does: every output pixel is the
+average of the tiles that cover it, each weighted by a window that is 1 in the tile's middle
+and falls smoothly towards its edges, so an object on a tile border is predicted by the tiles
+in which it is whole and nothing is cut at a seam. ``stitch`` instead takes every pixel from
+the one tile in which it lies farthest from an edge (a hard seam in the middle of each overlap).
 Images smaller than the tile are zero-padded. Everything here is pure numpy.
 """
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Span", "TilePlan", "needs_tiling", "plan_axis", "plan_tiles", "stitch", "tile_image"]
+__all__ = ["Span", "TilePlan", "needs_tiling", "plan_axis", "plan_tiles", "stitch", "tile_image", "untile", "window"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,40 @@ def stitch(tiles: np.ndarray, plan: TilePlan) -> np.ndarray:
                     i, r.start - r.origin:r.stop - r.origin, col.start - col.origin:col.stop - col.origin]
                 i += 1
     return out
+
+
+def window(size: int, power: int = 2) -> np.ndarray:
+    """1D blending weights of a tile: a second-order spline (deepcell-toolbox's spline window)
+    rising from ~0 at both edges to 1 in the middle."""
+    pos = (np.arange(size, dtype=np.float64) + 0.5) / size  # (0, 1)
+    tri = 1.0 - np.abs(2.0 * pos - 1.0)  # 0 at the edges, 1 in the middle
+    inner = 1.0 - (np.abs(2.0 * (1.0 - tri)) ** power) / 2.0
+    outer = (np.abs(2.0 * tri) ** power) / 2.0
+    spline = np.where(tri > 0.5, inner, outer)
+    return np.maximum(spline, 1e-3)
+
+
+def untile(tiles: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """Model outputs per tile (M, tile_h, tile_w, K) -> (N, H, W, K), blended (see module doc)."""
+    if tiles.shape[0] != plan.count or tiles.shape[1:3] != (plan.tile_h, plan.tile_w):
+        raise ValueError(f"expected {plan.count} tiles of {plan.tile_h}x{plan.tile_w}, "
+                         f"got shape {list(tiles.shape)}")
+    height, width = max(plan.height, plan.tile_h), max(plan.width, plan.tile_w)
+    extra = tiles.shape[3:]
+    total = np.zeros((plan.frames, height, width) + extra, dtype=np.float64)
+    weight = np.zeros((height, width), dtype=np.float64)
+    win = np.outer(window(plan.tile_h), window(plan.tile_w))
+    win_k = win.reshape(win.shape + (1,) * len(extra))
+    for r in plan.rows:
+        for col in plan.cols:
+            weight[r.origin:r.origin + plan.tile_h, col.origin:col.origin + plan.tile_w] += win
+    i = 0
+    for f in range(plan.frames):
+        for r in plan.rows:
+            for col in plan.cols:
+                total[f, r.origin:r.origin + plan.tile_h, col.origin:col.origin + plan.tile_w] += (
+                    tiles[i] * win_k)
+                i += 1
+    weight = weight.reshape(weight.shape + (1,) * len(extra))
+    out = total / weight
+    return out[:, :plan.height, :plan.width].astype(tiles.dtype, copy=False)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from kiosk_protocol.settings import env_setting
+
 __all__ = [
     "FrameOverlap",
     "TrackingParams",
@@ -48,6 +50,9 @@ class TrackingParams:
     division_iou: a cell whose best continuation reaches this IoU did not divide.
     daughter_area: allowed (min, max) of the two daughters' summed area / parent area.
     max_gap: frames a cell may be missing (a segmentation miss) and still keep its track.
+    max_frames: longest stack tracked (MAX_IMAGE_FRAMES); 0 = no limit.
+    max_cells: most cells one frame may have (MAX_CELLS_PER_FRAME): the per-pair overlap,
+    IoU and optimal assignment are cells x cells, so the cap comes before any of them.
     """
 
     min_iou: float = 0.1
@@ -55,6 +60,12 @@ class TrackingParams:
     division_iou: float = 0.5
     daughter_area: tuple[float, float] = (0.3, 3.0)
     max_gap: int = 2
+    max_frames: int = field(default_factory=lambda: int(env_setting("max_image_frames")))
+    max_cells: int = field(default_factory=lambda: int(env_setting("max_cells_per_frame")))
+
+
+class TrackingTooLarge(ValueError):
+    """A stack over MAX_IMAGE_FRAMES or a frame over MAX_CELLS_PER_FRAME (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +120,23 @@ def frame_overlap(prev: np.ndarray, nxt: np.ndarray) -> FrameOverlap:
         raise ValueError(f"frames differ in shape: {prev.shape} vs {nxt.shape}")
     prev_ids, prev_inv = _compact(prev)
     next_ids, next_inv = _compact(nxt)
-    joint = np.bincount(prev_inv * len(next_ids) + next_inv,
-                        minlength=len(prev_ids) * len(next_ids)).reshape(len(prev_ids), len(next_ids))
-    prev_area = joint.sum(axis=1)
-    next_area = joint.sum(axis=0)
+    # Sparse: only the label pairs that occur (at most one per pixel), never P x N counters.
+    codes, counts = np.unique(prev_inv.astype(np.int64) * len(next_ids) + next_inv, return_counts=True)
+    rows, cols = np.divmod(codes, len(next_ids))
+    prev_area = np.bincount(rows, weights=counts, minlength=len(prev_ids)).astype(np.int64)
+    next_area = np.bincount(cols, weights=counts, minlength=len(next_ids)).astype(np.int64)
     keep_p, keep_n = prev_ids != 0, next_ids != 0
+    row_of = np.cumsum(keep_p) - 1
+    col_of = np.cumsum(keep_n) - 1
+    pair = keep_p[rows] & keep_n[cols]
+    inter = np.zeros((int(keep_p.sum()), int(keep_n.sum())), dtype=np.int64)
+    inter[row_of[rows[pair]], col_of[cols[pair]]] = counts[pair]
     return FrameOverlap(
         prev_ids=prev_ids[keep_p],
         next_ids=next_ids[keep_n],
-        inter=joint[np.ix_(keep_p, keep_n)].astype(np.int64),
-        prev_area=prev_area[keep_p].astype(np.int64),
-        next_area=next_area[keep_n].astype(np.int64),
+        inter=inter,
+        prev_area=prev_area[keep_p],
+        next_area=next_area[keep_n],
     )
 
 
@@ -172,12 +189,13 @@ def _new_entry(cid: int, parent: int | None) -> dict[str, Any]:
             "capped": False}
 
 
-def track(labels: np.ndarray, params: TrackingParams = TrackingParams()) -> TrackingResult:
+def track(labels: np.ndarray, params: TrackingParams | None = None) -> TrackingResult:
     """Track a (T, H, W) stack of per-frame label images.
 
     Returns the stack relabelled so that each cell keeps one id (1, 2, ... in
     order of first appearance) over time, plus its lineage.
     """
+    params = TrackingParams() if params is None else params  # caps read now, not at import
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"expected a (frames, height, width) label stack, got shape {labels.shape}")
@@ -186,6 +204,15 @@ def track(labels: np.ndarray, params: TrackingParams = TrackingParams()) -> Trac
     if labels.size and labels.min() < 0:
         raise ValueError("label stack has negative labels")
     frames = labels.shape[0]
+    if 0 < params.max_frames < frames:
+        raise TrackingTooLarge(f"movie has {frames} frames, more than MAX_IMAGE_FRAMES ({params.max_frames})")
+    if params.max_cells > 0:
+        for t in range(frames):
+            ids, _ = _compact(labels[t])
+            cells = int(np.count_nonzero(ids))
+            if cells > params.max_cells:
+                raise TrackingTooLarge(f"frame {t} has {cells} cells, more than MAX_CELLS_PER_FRAME "
+                                       f"({params.max_cells})")
     out = np.zeros(labels.shape, dtype=np.int32)
     lineage: dict[int, dict[str, Any]] = {}
     next_id = 1

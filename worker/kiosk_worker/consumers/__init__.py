@@ -41,6 +41,9 @@ BUILTIN: dict[str, str] = {
     "segmentation": "kiosk_worker.consumers.segmentation:SegmentationConsumer",
     "zip": "kiosk_worker.consumers.zip_parent:ZipConsumer",
     "tracking": "kiosk_worker.consumers.tracking:TrackingConsumer",
+    "mesmer": "kiosk_worker.consumers.mesmer:MesmerConsumer",
+    "spot": "kiosk_worker.consumers.spot:SpotConsumer",
+    "polaris": "kiosk_worker.consumers.polaris:PolarisConsumer",
 }
 
 

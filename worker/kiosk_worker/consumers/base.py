@@ -103,7 +103,9 @@ class Consumer:
         self.settings = settings or Settings()
         self.name = name or (store.worker if store else "") or self.settings.worker_name or \
             protocol.default_worker_name()
-        self.store = store or protocol.JobStore(redis_client, self.name, self.settings.expire_time)
+        self.store = store or protocol.JobStore(
+            redis_client, self.name, self.settings.expire_time,
+            max_field_bytes=self.settings.max_field_bytes, max_attempts=self.settings.max_attempts)
         self.final_status = final_status
         self.failed_status = failed_status
         self.logger = logging.getLogger(f"kiosk_worker.consumers.{type(self).__name__}")

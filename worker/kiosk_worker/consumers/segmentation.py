@@ -4,10 +4,13 @@ download -> header check and decode -> (N, H, W, C) with the job's
 dimension_order -> which models on which channels (``model_choice``: the job's
 model, else NUCLEAR_MODEL / CYTOPLASM_MODEL / PHASE_MODEL by ``channels`` position,
 as the Kiosk's consumer) -> resize by the job's ``scale`` -> validate against each
-model's signature -> tile if the model has a fixed input size -> Predict in
-batches -> deep watershed -> labels resized back -> label TIFFs -> zip -> upload
--> done. Labels keep the input's orientation; several models give one label
-image per channel position, stacked in position order.
+model's signature -> the model family's pre-processing (``pipeline``: histogram
+normalization, Mesmer's percentile clipping) -> tile with overlap if the model has a fixed
+input size -> Predict in batches -> blended untiling -> deep watershed with the family's
+arguments -> labels resized back -> label TIFFs -> zip -> upload -> done, with
+``object_count`` (labels in the result) in the job hash. Labels keep the input's
+orientation; several models give one label image per channel position, stacked in position
+order.
 
 Status order: started, pre-processing, predicting, post-processing,
 saving-results, done (the Kiosk's, with post-processing in between).
@@ -20,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import kiosk_protocol as protocol
-from kiosk_worker import imaging, model_choice, results, tiling
+from kiosk_worker import imaging, model_choice, pipeline, results, tiling
 from kiosk_worker.consumers.base import TensorFlowServingConsumer
 from kiosk_worker.errors import JobError, ModelMismatch
 from kiosk_worker.model_choice import Step
@@ -46,7 +49,8 @@ class SegmentationConsumer(TensorFlowServingConsumer):
         data = results.zip_arrays_bytes(self.result_members(labels, stem))
         with self.timed("upload_time"):
             dest, url = self.storage.upload_data(data, f"{stem}.zip")
-        self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1)
+        self.finish_fields.update(output_url=url, output_file_name=dest, total_jobs=1,
+                                  object_count=str(object_count(labels)))
         return self.final_status
 
     def segment(self, redis_hash: str) -> tuple[np.ndarray, str]:
@@ -93,15 +97,17 @@ class SegmentationConsumer(TensorFlowServingConsumer):
             part = image if step.channel is None else image[..., step.channel:step.channel + 1]
             channels = job.get("channels", "") if step.channel is None else ""
             part, tile = self.fit_model(part, inputs, channels, model.name)
-            calls.append((model, part, tile))
+            app = pipeline.application_for(model.name, self.settings)
+            calls.append((model, app.preprocess(part), tile, app))
 
         # Upstream writes back the scale it used when the job had none.
         given = (job.get("scale") or "").strip()
         self.set_status(redis_hash, protocol.PREDICTING, **({} if given else {"scale": f"{scale:g}"}))
-        outputs = [self.predict(part, model.name, model.version, tile) for model, part, tile in calls]
+        outputs = [self.predict(part, model.name, model.version, tile) for model, part, tile, _ in calls]
 
         self.set_status(redis_hash, protocol.POST_PROCESSING)
-        labels = [imaging.resize_labels(self.postprocess(out), height, width) for out in outputs]
+        labels = [imaging.resize_labels(self.postprocess(out, call[3]), height, width)
+                  for out, call in zip(outputs, calls, strict=True)]
         return np.stack(labels, axis=-1), results.result_stem(job.get("original_name") or input_name)
 
     # -- steps (overridable) -------------------------------------------------
@@ -109,7 +115,8 @@ class SegmentationConsumer(TensorFlowServingConsumer):
         """Decoded image as (N, H, W, C), size-checked from its header first."""
         order = job.get("dimension_order", "")
         raw = imaging.load_image(local_path, self.settings.max_image_height,
-                                 self.settings.max_image_width, order)
+                                 self.settings.max_image_width, order,
+                                 max_decoded_bytes=self.settings.max_decoded_bytes)
         return imaging.to_nhwc(raw, order)
 
     def plan(self, job: dict[str, str], image: np.ndarray) -> list[Step]:
@@ -130,7 +137,8 @@ class SegmentationConsumer(TensorFlowServingConsumer):
                 f"model '{model_name}' takes rank-{len(shape)} input; the segmentation consumer "
                 "sends 2D images as [batch, height, width, channels]")
         model_channels = shape[3] if shape is not None and shape[3] > 0 else None
-        image = imaging.fit_channels(image, channels, model_channels)
+        image = imaging.fit_channels(image, channels, model_channels,
+                                      max_entries=self.settings.max_channel_entries)
         tile = (shape[1], shape[2]) if shape is not None and shape[1] > 0 and shape[2] > 0 else None
         return image.astype(np.float32, copy=False), tile
 
@@ -142,8 +150,22 @@ class SegmentationConsumer(TensorFlowServingConsumer):
             return self.grpc_image(image, model_name, model_version)
         tiles, plan = tiling.tile_image(image, tile[0], tile[1], self.tile_overlap)
         outputs = self.grpc_image(tiles, model_name, model_version)
-        return {name: tiling.stitch(out, plan) for name, out in outputs.items()
+        return {name: tiling.untile(out, plan) for name, out in outputs.items()
                 if out.ndim >= 3 and out.shape[0] == plan.count}
 
-    def postprocess(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        return label_outputs(outputs, params_for(self.settings, self.job))
+    def postprocess(self, outputs: dict[str, np.ndarray],
+                    app: pipeline.Application | None = None) -> np.ndarray:
+        """Deep watershed with the application's arguments (POSTPROCESS_* settings that differ
+        from deep_watershed's defaults win); the worker's settings alone without an application."""
+        params = params_for(self.settings, self.job)
+        return label_outputs(outputs, app.watershed(params) if app is not None else params)
+
+
+def object_count(labels: np.ndarray) -> int:
+    """Objects in (N, H, W, K) labels: distinct non-zero labels per frame and label channel."""
+    if labels.ndim == 2:
+        labels = labels[np.newaxis, ..., np.newaxis]
+    elif labels.ndim == 3:
+        labels = labels[..., np.newaxis]
+    return sum(int(np.count_nonzero(np.unique(labels[n, ..., k])))
+               for n in range(labels.shape[0]) for k in range(labels.shape[-1]))

@@ -47,7 +47,8 @@ class TrackingConsumer(SegmentationConsumer):
 
     @property
     def params(self) -> tracking.TrackingParams:
-        return tracking.TrackingParams(max_gap=self.settings.track_max_gap)
+        return tracking.TrackingParams(max_gap=self.settings.track_max_gap, max_frames=self.settings.max_image_frames,
+                                       max_cells=self.settings.max_cells_per_frame)
 
     def _consume(self, redis_hash: str) -> str:
         labels, stem = self.segment(redis_hash)  # every frame through the model
@@ -73,7 +74,8 @@ class TrackingConsumer(SegmentationConsumer):
             raise BadImage(f"the time-lapse has {frames} frames, over the limit of "
                            f"{self.settings.max_image_frames} (MAX_IMAGE_FRAMES)")
         raw = imaging.load_image(local_path, self.settings.max_image_height,
-                                 self.settings.max_image_width, order)
+                                 self.settings.max_image_width, order,
+                                 max_decoded_bytes=self.settings.max_decoded_bytes)
         return imaging.to_nhwc(raw, order)
 
     def plan(self, job: dict[str, str], image: np.ndarray) -> list[Step]:
