@@ -70,5 +70,6 @@ def get_storage(settings: Settings) -> Storage:
         url_expiry=settings.signed_url_expiry,
         max_retry=settings.storage_max_retry,
         backoff=settings.storage_backoff,
+        max_backoff=settings.storage_max_backoff,
         max_input_bytes=settings.max_input_bytes,
     )

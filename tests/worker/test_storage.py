@@ -613,3 +613,12 @@ def test_local_symlinks_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputRefused, match="symbolic link"):
         storage.upload_bytes(b"x", "dir/planted.txt")
     assert not (tmp_path / "planted.txt").exists()
+
+
+def test_storage_retry_waits_follow_storage_backoff_settings(tmp_path: Path) -> None:
+    """STORAGE_BACKOFF is the first wait and STORAGE_MAX_BACKOFF the cap of every wait."""
+    store = storage_from_env({"STORAGE_BUCKET": f"file://{tmp_path}", "STORAGE_BACKOFF": "0.2",
+                              "STORAGE_MAX_BACKOFF": "7"})
+    assert (store.backoff, store.max_backoff) == (0.2, 7.0)
+    default = storage_from_env({"STORAGE_BUCKET": f"file://{tmp_path}"})
+    assert default.max_backoff == 60.0
