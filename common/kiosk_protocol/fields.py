@@ -65,6 +65,8 @@ ZIP_PARENT_FIELDS: frozenset[str] = frozenset({CHILDREN, CHILDREN_DONE, CHILDREN
 #: Default of MAX_FIELD_BYTES: a job with a longer field (other than ZIP_PARENT_FIELDS) fails
 #: before any work. Job fields come from a public web form; a zip fans them out to every child.
 MAX_FIELD_BYTES = 8192
+#: Default of MAX_ATTEMPTS: takes of one job before it fails as a poison pill.
+MAX_ATTEMPTS = 3
 
 # --- worker heartbeat hash (kiosk:worker:{name}) ---------------------------------------------
 

@@ -18,6 +18,7 @@ from kiosk_protocol.errors import printable
 from kiosk_protocol.fields import (
     DONE,
     FAILED,
+    MAX_ATTEMPTS,
     MAX_FIELD_BYTES,
     NEW,
     STARTED,
@@ -136,9 +137,8 @@ class JobStore:
     strays: int = 0
     #: A job with a longer field (except the zip parent's lists of children) fails at ``start``.
     max_field_bytes: int = MAX_FIELD_BYTES
-    #: Takes of a job before ``start`` raises TooManyAttempts (0 = no limit); None reads
-    #: MAX_ATTEMPTS from the environment (default 3).
-    max_attempts: int | None = None
+    #: Takes of a job before ``start`` raises TooManyAttempts (0 = no limit): MAX_ATTEMPTS.
+    max_attempts: int = MAX_ATTEMPTS
 
     def __post_init__(self) -> None:
         self._requeue = self.client.register_script(scripts.REQUEUE)
@@ -146,10 +146,6 @@ class JobStore:
         self._start = self.client.register_script(scripts.START)
         self._dead_letter = self.client.register_script(scripts.DEAD_LETTER)
         self._forgive = self.client.register_script(scripts.FORGIVE_ATTEMPT)
-        if self.max_attempts is None:
-            from kiosk_protocol.settings import env_setting
-
-            self.max_attempts = int(env_setting("max_attempts"))
 
     # -- queue operations --
 

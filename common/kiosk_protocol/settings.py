@@ -12,6 +12,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from kiosk_protocol.envparse import (
+    _APPLICATIONS,
+    CLOUD_PROVIDERS,
+    _application_models,
+    _bool,
+    _bucket,
+    _bucket_name,
+    _choice,
+    _finite,
+    _model_ref,
+    _nonempty,
+    _optional_model_ref,
+    _port,
+    _positive,
+    _pp_number,
+    _provider,
+)
 from kiosk_protocol.errors import ConfigError
 from kiosk_protocol.redis_config import RedisConfig
 
@@ -23,7 +40,6 @@ SettingsError = ConfigError
 
 
 CONSUMER_ALIASES = {"image": "segmentation", "caliban": "tracking"}
-CLOUD_PROVIDERS = {"gke": "gs", "gcp": "gs", "aws": "s3"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +170,7 @@ class Settings:
     #: Object size checked (HEAD / stat) before a download.
     max_input_bytes: int = 1024 * 1024 * 1024
     #: Takes of one job (START) before it ends failed: "worker died N times on this job".
-    max_attempts: int = 3
+    max_attempts: int = 3  # = kiosk_protocol.fields.MAX_ATTEMPTS
     #: Entries of a job's ``channels`` list.
     max_channel_entries: int = 64
     #: Cells (labels) of one frame a tracking job may have.
@@ -197,59 +213,6 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any]]] = {}
 
 def _register(env: str, attr: str, parse: Callable[[str], Any]) -> None:
     _SPEC[env] = (attr, parse)
-
-
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in {"1", "true", "yes", "on"}:
-        return True
-    if low in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError("expected true or false")
-
-
-def _positive(parse: Callable[[str], T], allow_zero: bool = False) -> Callable[[str], T]:
-    def check(text: str) -> T:
-        value = parse(text)
-        if value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
-            raise ValueError("must be " + ("zero or more" if allow_zero else "greater than zero"))
-        return value
-
-    return check
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 < value < 65536:
-        raise ValueError("must be a port number between 1 and 65535")
-    return value
-
-
-def _bucket(text: str) -> str:
-    text = text.strip()
-    if text and not text.startswith(("gs://", "s3://", "file://")):
-        raise ValueError("must start with gs://, s3:// or file://")
-    return text.rstrip("/") if text not in ("file://",) else text
-
-
-def _provider(text: str) -> str:
-    if text.strip().lower() not in CLOUD_PROVIDERS:
-        raise ValueError("must be one of " + ", ".join(sorted(CLOUD_PROVIDERS)))
-    return text.strip().lower()
-
-
-def _nonempty(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text.strip()
-
-
-def _bucket_name(text: str) -> str:
-    """A bare bucket name (seed-era GKE_BUCKET / AWS_S3_BUCKET); empty means unset."""
-    text = text.strip().rstrip("/")
-    if "://" in text:
-        raise ValueError("must be a bucket name without a scheme (URLs go in STORAGE_BUCKET)")
-    return text
 
 
 for _env, _attr, _parse in [
@@ -315,28 +278,6 @@ for _env, _attr, _parse in [
     _register(_env, _attr, _parse)
 
 
-def _model_ref(text: str) -> str:
-    """A Kiosk model reference, ``Name:version`` with a whole-number version."""
-    name, sep, version = text.strip().partition(":")
-    if not sep or not name.strip() or not version.strip().isdigit() or ":" in version:
-        raise ValueError("must be Name:version with a whole-number version, e.g. NuclearSegmentation:6")
-    return f"{name.strip()}:{int(version)}"
-
-
-def _optional_model_ref(text: str) -> str:
-    return _model_ref(text) if text.strip() else ""
-
-
-def _finite(parse: Callable[[str], float]) -> Callable[[str], float]:
-    def check(text: str) -> float:
-        value = parse(text)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("must be a finite number")
-        return value
-
-    return check
-
-
 # The Kiosk consumer's model choice, scale and tracking variables (kiosk_worker.model_choice).
 for _env, _attr, _parse in [
     ("NUCLEAR_MODEL", "nuclear_model", _model_ref),
@@ -371,18 +312,6 @@ for _env, _attr, _parse in [
     _register(_env, _attr, _parse)
 
 
-def _pp_number(minimum: float | None = None) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = float(text)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError("must be a finite number")
-        if minimum is not None and value < minimum:
-            raise ValueError("must be zero or more")
-        return value
-
-    return parse
-
-
 # Deep-watershed post-processing (kiosk_worker.postprocess.WatershedParams.from_settings).
 for _env, _attr, _parse in [
     ("POSTPROCESS_RADIUS", "postprocess_radius", _positive(int)),
@@ -404,15 +333,6 @@ for _env, _attr, _parse in [
 
 
 # The deepcell application around the model call (kiosk_worker.pipeline.application_for).
-_APPLICATIONS = {"auto", "nuclear", "cytoplasm", "mesmer", "none"}
-
-
-def _application_models(text: str) -> str:
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, family = part.partition("=")
-        if not sep or not name.strip() or family.strip().lower() not in _APPLICATIONS - {"auto"}:
-            raise ValueError(f"entry {part!r} must be ModelName=family (nuclear, cytoplasm, mesmer, none)")
-    return text.strip()
 
 
 _register("APPLICATION", "application", lambda s: _choice(s.strip().lower() or "auto", _APPLICATIONS))
@@ -428,25 +348,6 @@ for _env, _attr, _parse in [
     ("MAX_CELLS_PER_FRAME", "max_cells_per_frame", _positive(int)),
 ]:
     _register(_env, _attr, _parse)
-
-
-def env_setting(attr: str, environ: Mapping[str, str] | None = None) -> Any:
-    """One setting from the environment (its default when unset), for code that is not handed
-    a Settings; raises SettingsError for a bad value, as load_settings does."""
-    environ = os.environ if environ is None else environ
-    for env, (name, parse) in _SPEC.items():
-        if name == attr and env in environ:
-            try:
-                return parse(environ[env])
-            except ValueError as exc:
-                raise SettingsError(f"invalid setting {env}={environ[env]!r}: {exc}") from None
-    return getattr(Settings, attr)
-
-
-def _choice(value: str, allowed: set[str]) -> str:
-    if value not in allowed:
-        raise ValueError("must be one of " + ", ".join(sorted(allowed)))
-    return value
 
 
 ENV_NAMES: tuple[str, ...] = tuple(_SPEC)

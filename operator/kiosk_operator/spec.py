@@ -15,6 +15,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiosk_operator import crd
+from kiosk_operator.specfields import (  # noqa: F401 (SpecError is part of this module's API)
+    SpecError,
+    _bool,
+    _int,
+    _list,
+    _num,
+    _obj,
+    _optional_num,
+    _port,
+    _signed_int,
+    _str,
+)
 
 QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BUCKET_RE = re.compile(r"^(gs|s3|file)://")
@@ -32,11 +44,6 @@ def schema_default(*path: str) -> Any:
     for key in path:
         node = node["properties"][key]
     return node["default"]
-
-
-class SpecError(ValueError):
-    """The pool spec cannot be used; the message is one line naming the field."""
-
 
 
 @dataclass(frozen=True)
@@ -183,74 +190,6 @@ class PoolSpec:
 # parse_spec has applied the schema's defaults first: a field the CRD defaults is present here.
 
 
-def _obj(data: Any, path: str) -> Mapping[str, Any]:
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{path}: must be an object")
-    return data
-
-
-def _int(data: Mapping[str, Any], key: str, path: str, minimum: int = 0) -> int:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{path}.{key}: must be an integer, not {value!r}")
-    if value < minimum:
-        raise SpecError(f"{path}.{key}: must be at least {minimum}, not {value}")
-    return value
-
-
-def _optional_num(
-    data: Mapping[str, Any], key: str, path: str, minimum: float = 0.0, exclusive: bool = False
-) -> float | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"{path}.{key}: must be a number, not {value!r}")
-    if value < minimum or (exclusive and value == minimum):
-        word = "greater than" if exclusive else "at least"
-        raise SpecError(f"{path}.{key}: must be {word} {minimum}, not {value}")
-    return float(value)
-
-
-def _num(data: Mapping[str, Any], key: str, path: str, minimum: float = 0.0, exclusive: bool = False) -> float:
-    value = _optional_num(data, key, path, minimum, exclusive)
-    if value is None:
-        raise SpecError(f"{path}.{key}: is required")
-    return value
-
-
-def _str(data: Mapping[str, Any], key: str, path: str) -> str:
-    value = data.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise SpecError(f"{path}.{key}: must be a string, not {value!r}")
-    return value
-
-
-def _bool(data: Mapping[str, Any], key: str, path: str) -> bool:
-    value = data.get(key)
-    if not isinstance(value, bool):
-        raise SpecError(f"{path}.{key}: must be true or false, not {value!r}")
-    return value
-
-
-def _list(data: Mapping[str, Any], key: str, path: str) -> tuple[Any, ...]:
-    value = data.get(key) or ()
-    if not isinstance(value, list | tuple):
-        raise SpecError(f"{path}.{key}: must be a list")
-    return tuple(value)
-
-
-def _port(data: Mapping[str, Any], key: str, path: str) -> int:
-    value = _int(data, key, path, minimum=1)
-    if value > 65535:
-        raise SpecError(f"{path}.{key}: must be a port number between 1 and 65535, not {value}")
-    return value
-
-
 # --- sections -------------------------------------------------------------------------------
 # An empty string where the CRD has a default means the default (the API server rejects it).
 
@@ -359,13 +298,6 @@ def _scaling(data: Mapping[str, Any]) -> ScalingSpec:
             f"{p}.maxWorkers ({spec.max_workers})"
         )
     return spec
-
-
-def _signed_int(data: Mapping[str, Any], key: str, path: str) -> int:
-    value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{path}.{key}: must be an integer, not {value!r}")
-    return value
 
 
 def _postprocess(data: Mapping[str, Any]) -> PostprocessSpec:

@@ -126,8 +126,6 @@ def test_max_attempts_is_a_setting(redis_client, redis_server, model_server, buc
     image, _ = make_cells((64, 64), 3, seed=5)
     key = submit(redis_client, save_tiff(bucket, "ok.tif", image))
     redis_client.hset(key, "attempts", "3")
-    # The in-process runner's JobStore reads MAX_ATTEMPTS from the environment, as a worker does.
-    monkeypatch.setenv("MAX_ATTEMPTS", "5")
     run_batch(settings_for(redis_server, model_server, bucket, MAX_ATTEMPTS=5))
     assert redis_client.hget(key, "status") == "done"
     assert redis_client.hget(key, "attempts") == "4"

@@ -12,6 +12,7 @@ import tifffile
 
 import kiosk_protocol as protocol
 from kiosk_protocol.jobs import JobStore
+from kiosk_protocol.settings import load_settings
 from kiosk_worker import imaging, tracking
 from kiosk_worker.errors import BadImage, ImageTooLarge, ModelMismatch, UnsupportedFormat
 from kiosk_worker.jobwrites import JobWriter
@@ -58,14 +59,13 @@ def test_decoded_size_counts_frames_channels_and_sample_size(tmp_path: Path, fmt
         imaging.load_image(str(path), max_decoded_bytes=size - 1)
 
 
-def test_max_decoded_bytes_is_read_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+def test_max_decoded_bytes_default_is_the_settings_default(tmp_path: Path) -> None:
     path = tmp_path / "x.tif"
     tifffile.imwrite(path, np.zeros((64, 64), np.uint8))
-    monkeypatch.setenv("MAX_DECODED_BYTES", "4095")
-    with pytest.raises(ImageTooLarge, match="over the limit of 4095"):
-        imaging.load_image(str(path))
-    monkeypatch.setenv("MAX_DECODED_BYTES", "4096")
     assert imaging.load_image(str(path)).shape == (64, 64)
+    with pytest.raises(ImageTooLarge, match="over the limit of 4095"):
+        imaging.load_image(str(path), max_decoded_bytes=4095)
+    assert load_settings({}).max_decoded_bytes == 1 << 30
 
 
 # --- channels ------------------------------------------------------------------------------------
@@ -144,12 +144,16 @@ def test_tracking_caps_frames_and_cells_before_any_overlap() -> None:
     assert len(tracking.track(small, tracking.TrackingParams(max_cells=16)).lineage) == 16
 
 
-def test_tracking_caps_are_read_from_the_environment(monkeypatch) -> None:
-    monkeypatch.setenv("MAX_CELLS_PER_FRAME", "3")
-    monkeypatch.setenv("MAX_IMAGE_FRAMES", "2")
-    assert tracking.TrackingParams().max_cells == 3 and tracking.TrackingParams().max_frames == 2
+def test_tracking_consumer_takes_its_caps_from_settings() -> None:
+    from kiosk_worker.consumers.tracking import TrackingConsumer
+
+    settings = load_settings({"MAX_CELLS_PER_FRAME": "3", "MAX_IMAGE_FRAMES": "2"})
+    consumer = TrackingConsumer.__new__(TrackingConsumer)  # only its settings matter here
+    consumer.settings = settings
+    caps = consumer.params
+    assert (caps.max_cells, caps.max_frames) == (3, 2)
     with pytest.raises(tracking.TrackingTooLarge, match=r"MAX_CELLS_PER_FRAME \(3\)"):
-        tracking.track(np.stack([_grid(2, 16)]))
+        tracking.track(np.stack([_grid(2, 16)]), caps)
 
 
 # --- attempts (START script, real redis-server) ------------------------------------------------

@@ -28,7 +28,7 @@ from typing import BinaryIO
 import numpy as np
 
 from kiosk_protocol.errors import describe
-from kiosk_protocol.settings import env_setting
+from kiosk_protocol.settings import Settings
 from kiosk_worker.errors import BadImage, ImageTooLarge, InputMissing, ModelMismatch, UnsupportedFormat
 
 __all__ = [
@@ -186,8 +186,8 @@ def _jpeg_header(fh: BinaryIO) -> tuple[int, int, int]:
 def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order: str = "",
                max_decoded_bytes: int | None = None) -> None:
     """Reject images over the limits using only the header: height, width and the decoded
-    size (every frame and channel; MAX_DECODED_BYTES from the environment when None)."""
-    limit = env_setting("max_decoded_bytes") if max_decoded_bytes is None else max_decoded_bytes
+    size (every frame and channel; the MAX_DECODED_BYTES default when None)."""
+    limit = Settings.max_decoded_bytes if max_decoded_bytes is None else max_decoded_bytes
     if info.decoded_bytes > limit:
         what = "x".join(str(d) for d in info.shape) + (f" {info.dtype}" if info.dtype else "")
         raise ImageTooLarge(f"image {what} decodes to {info.decoded_bytes} bytes, over the limit of "
@@ -209,7 +209,7 @@ def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order
 def load_image(path: str, max_height: int = 8192, max_width: int = 8192,
                dimension_order: str = "", max_decoded_bytes: int | None = None) -> np.ndarray:
     """Header check (size, decoded bytes, TIFF compression), then decode; returns the raw
-    array (any rank). ``max_decoded_bytes`` None reads MAX_DECODED_BYTES."""
+    array (any rank). ``max_decoded_bytes`` None means the MAX_DECODED_BYTES default."""
     if not os.path.isfile(path):
         raise InputMissing(f"input file not found: {os.path.basename(path)}")
     fmt = detect_format(path)
@@ -374,12 +374,12 @@ def fit_channels(image: np.ndarray, channels: str, model_channels: int | None,
     that is what makes the count match a model with a fixed channel count (e.g. ',2' for a
     two-channel model: no nuclear channel, channel 2 second); otherwise they are dropped.
     '' keeps every channel. ``model_channels`` None means the model accepts any count.
-    Every check (at most ``max_entries`` entries, MAX_CHANNEL_ENTRIES when None; indexes in
+    Every check (at most ``max_entries`` entries, the MAX_CHANNEL_ENTRIES default when None; indexes in
     the image; the model's count) comes before a channel is copied.
     """
     text = (channels or "").strip()
     if text:
-        limit = env_setting("max_channel_entries") if max_entries is None else max_entries
+        limit = Settings.max_channel_entries if max_entries is None else max_entries
         count = text.count(",") + 1
         if count > limit:
             raise BadImage(f"channels lists {count} entries, more than MAX_CHANNEL_ENTRIES ({limit})")

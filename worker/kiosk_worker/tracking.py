@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from kiosk_protocol.settings import env_setting
+from kiosk_protocol.settings import Settings
 
 __all__ = [
     "FrameOverlap",
@@ -60,8 +60,8 @@ class TrackingParams:
     division_iou: float = 0.5
     daughter_area: tuple[float, float] = (0.3, 3.0)
     max_gap: int = 2
-    max_frames: int = field(default_factory=lambda: int(env_setting("max_image_frames")))
-    max_cells: int = field(default_factory=lambda: int(env_setting("max_cells_per_frame")))
+    max_frames: int = Settings.max_image_frames
+    max_cells: int = Settings.max_cells_per_frame
 
 
 class TrackingTooLarge(ValueError):
