@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
@@ -34,6 +35,7 @@ EXIT_USAGE = 2
 EXIT_JOB_FAILED = 3
 EXIT_TIMEOUT = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a process the signal killed would report
 OUTPUTS = ("table", "json", "yaml")
 
 EPILOG = """\
@@ -44,6 +46,7 @@ exit codes:
   3    a job failed
   4    submit --wait gave up after --timeout; the unfinished job keys are printed on stdout
   130  interrupted (Ctrl-C)
+  141  stdout closed early (e.g. piped into `head`)
 """
 
 
@@ -240,6 +243,19 @@ COMMANDS = {"submit": cmd_submit, "status": cmd_status, "results": cmd_results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a reader that closes stdout early (``| head``) ends it quietly."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Later flushes at exit would raise again: point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(message)s")
