@@ -2,7 +2,8 @@
 
 Makes synthetic cell images, submits them as Kiosk jobs (the frontend's hash format,
 ``file://`` bucket), runs the pool in local mode until it has scaled up, drained the
-queue and scaled back to zero, then prints where the results are.
+queue and scaled back to zero, then writes a preview PNG per result (the input with the
+label outlines drawn on it, as ``kiosk results --preview`` does) and prints where they are.
 
 Tooling, not part of the installed packages: run by tools/demo.sh (``make demo``) as
 ``python tools/demo.py``; tests import it as ``demo`` (tools/ is on pytest's pythonpath).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import kiosk_protocol as protocol
 from harness.procs import stop_process
+from kiosk_cli.preview import write_previews
 from kiosk_operator import local
 
 
@@ -80,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\nresults:")
         done = 0
+        previews = state / "previews"
         for (img, truth), key in zip(images, keys, strict=True):
             job = client.hgetall(key)
             done += job.get("status") == protocol.DONE
             where = job.get("output_url") or job.get("reason", "")
             print(f"  {img:<22} {job.get('status', '?'):<7} ({truth} true cells) -> {where}")
+            if job.get("status") == protocol.DONE and job.get("output_file_name"):
+                write_previews(bucket / job["output_file_name"], bucket / img, previews)
         print(f"\n{done}/{len(keys)} jobs done. Result zips (label TIFFs) are in {bucket}")
+        if done:
+            print(f"Previews (label outlines on the input, one PNG per result): {previews}")
         print(f"Worker logs: {state / 'logs'}")
         return 0 if done == len(keys) else 1
     except local.LocalError as err:
