@@ -16,6 +16,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from kiosk_protocol.fields import DONE, FAILED, NEW, SUBMISSION_FIELDS
 from kiosk_protocol.keys import ZIP_SUFFIX, job_key, utc_now_iso
@@ -56,6 +57,48 @@ def is_child_of(key: str, parent_key: str, child_queue: str) -> bool:
 def foreign_children(parent_key: str, child_queue: str, keys: Iterable[str]) -> list[str]:
     """The keys in a parent's ``children`` that are not its own children (should be none)."""
     return [k for k in keys if not is_child_of(k, parent_key, child_queue)]
+
+
+#: The id part of the child keys the previous release wrote: ``{child_queue}:{member}:{uuid4}``.
+_LEGACY_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def legacy_child_member(key: str, child_queue: str) -> str | None:
+    """The member path of a child key in the previous release's form
+    (``{child_queue}:{member_path}:{uuid4}``, no parent id), else None."""
+    if KEY_SEPARATOR in key or not key.startswith(child_queue + ":"):
+        return None
+    member, _, ident = key[len(child_queue) + 1:].rpartition(":")
+    return member if member and _LEGACY_ID.fullmatch(ident) else None
+
+
+def is_legacy_child(key: str, child_queue: str, parent: Mapping[str, str],
+                    child: Mapping[str, str]) -> bool:
+    """Whether ``key`` in a parent's ``children`` is a child the previous release fanned out
+    for it, so that a zip parent written before an upgrade still finishes.
+
+    Such keys do not name their parent; a key is accepted when it has that form and its hash
+    (``child``, empty if gone) is a child's: ``original_name`` is the key's member path and it
+    was created no earlier than the parent. Another job's key can only get into ``children``
+    (forged, or injected through a member name) if it existed when the parent was submitted,
+    so it is older than the parent and refused. A key whose hash is gone holds nothing to
+    leak; it is accepted and reported lost."""
+    member = legacy_child_member(key, child_queue)
+    if member is None:
+        return False
+    if not child:
+        return True
+    if child.get("original_name") != member:
+        return False
+    try:
+        return _instant(child.get("created_at", "")) >= _instant(parent.get("created_at", ""))
+    except ValueError:
+        return False
+
+
+def _instant(text: str) -> datetime:
+    stamp = datetime.fromisoformat(text.strip())
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
 
 
 def separator_in(member_path: str) -> bool:

@@ -19,7 +19,7 @@ import tifffile
 import workerkit
 import yaml
 from test_frontend_jobs import frontend_submit
-from test_spots import recall_precision
+from test_spots import assigned_correctly, fish_image, read_polaris, recall_precision
 from workerkit import mean_matched_iou, result_labels
 
 import kiosk_protocol as protocol
@@ -28,7 +28,6 @@ from kiosk_model_server import ModelServer
 from kiosk_model_server.mesmer_model import make_tissue
 from kiosk_model_server.models import build_model
 from kiosk_model_server.spot_model import make_spots
-from kiosk_worker.consumers.polaris import REASON
 
 DATA = Path(__file__).parent / "data" / "kiosk-console"
 REPLACED = ("REDIS_HOST", "REDIS_PORT", "TF_HOST", "TF_PORT", "STORAGE_BUCKET")
@@ -108,9 +107,15 @@ def test_polaris_release(redis_client, redis_server, kiosk_models, bucket):
     with zipfile.ZipFile(job["output_url"]) as zf:
         lines = zf.read("p_0.csv").decode().split()
     assert lines[0] == "x,y" and abs(len(lines) - 1 - len(truth)) <= 1
-    # Segmentation is not done yet: such a job fails with its one-line reason, the worker runs on.
-    tissue = protocol.submit_job(redis_client, env["QUEUE"], "p.tif", channels="0,1,",
+    # 'tissue': spots, then Mesmer on the nuclear and cytoplasm channels, spots assigned to cells.
+    fish, truth, cells, _ = fish_image(seed=14)
+    tifffile.imwrite(bucket / "fish.tif", fish, photometric="minisblack")
+    tissue = protocol.submit_job(redis_client, env["QUEUE"], "fish.tif", channels="0,1,2",
                                  segmentation_type="tissue")
     job = finished(redis_client, tissue, proc)
-    assert job["status"] == "failed" and job["reason"] == REASON.format(kind="tissue"), job
+    assert job["status"] == "done", job
+    header, rows, labels = read_polaris(job)
+    assert header == ["x", "y", "cellID0"] and len(labels) == 1
+    assert mean_matched_iou(labels[0], cells) >= 0.8
+    assert assigned_correctly(rows, rows[:, 2], labels[0], truth, cells) >= 0.9
     assert proc.poll() is None

@@ -155,3 +155,25 @@ def test_fixed_size_model_is_tiled(redis_client, redis_server, bucket):
     whole, nuclear = result_labels(bucket, job)
     assert whole.shape == (200, 150)
     assert mean_matched_iou(whole, cells) >= 0.8 and mean_matched_iou(nuclear, nuclei) >= 0.8
+
+
+@pytest.mark.parametrize("nuclear_peak, membrane_peak", [(255, 4095), (4000, 400)])
+def test_channels_of_different_brightness(nuclear_peak, membrane_peak, redis_client, redis_server,
+                                          mesmer_server, bucket):
+    """A microscope gives each channel its own range (an 8-bit-range nuclear stain next to a
+    12-bit-range membrane stain, or the nuclear stain 10x brighter): Mesmer's pre-processing
+    normalizes each channel on its own, so both compartments are found."""
+    image, cells, nuclei = make_tissue((192, 192), 14, seed=9)
+    image = np.clip(image, 0.0, 1.0)  # the rendering's noise dips below zero; a camera's does not
+    raw = np.stack([np.round(image[..., 0] * nuclear_peak), np.round(image[..., 1] * membrane_peak)],
+                   axis=-1).astype(np.uint16)
+    assert raw[..., 0].max() <= nuclear_peak and raw[..., 1].max() <= membrane_peak
+    name = upload(bucket, f"bright{nuclear_peak}.tif", raw)
+    key = frontend_submit(redis_client, QUEUE, name, name,
+                          {"dimensionOrder": "XYC", "selectedChannels": "0,1"})
+    run_batch(mesmer_settings(redis_server, mesmer_server, bucket, MESMER_COMPARTMENT="both"))
+    job = redis_client.hgetall(key)
+    assert job["status"] == "done", job
+    whole, nuclear = result_labels(bucket, job)
+    assert mean_matched_iou(whole, cells) >= 0.8
+    assert mean_matched_iou(nuclear, nuclei) >= 0.8

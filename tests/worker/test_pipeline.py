@@ -11,6 +11,7 @@ import kiosk_protocol as protocol
 from kiosk_model_server.synthetic import REGIMES, as_regime, make_cells
 from kiosk_protocol.settings import SettingsError, load_settings
 from kiosk_worker import pipeline, tiling
+from kiosk_worker.consumers import segmentation
 from kiosk_worker.consumers.segmentation import object_count
 from kiosk_worker.postprocess import WatershedParams
 
@@ -33,6 +34,24 @@ def test_every_intensity_regime_is_segmented(regime, redis_client, redis_server,
     _, labels = run_one(redis_client, redis_server, model_server, bucket, raw)
     assert labels.shape == truth.shape
     assert mean_matched_iou(labels, truth) >= 0.8
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_a_worker_that_skips_normalization_fails(regime, redis_client, redis_server, model_server, bucket):
+    """APPLICATION=none sends the raw pixels: the stand-in, like a real model, gives unusable
+    output (no cells for every regime but ``float``; for raw floats already spanning 0..1,
+    which histogram normalization changes little, cells too poor for the IoU bar)."""
+    image, truth = make_cells((256, 256), 20, seed=21)
+    raw = as_regime(image, truth, regime, seed=21)
+    key = submit(redis_client, save_tiff(bucket, "raw.tif", raw))
+    run_batch(settings_for(redis_server, model_server, bucket, APPLICATION="none"))
+    job = redis_client.hgetall(key)
+    assert job["status"] == "done", job
+    (labels,) = result_labels(bucket, job)
+    if regime == "float":
+        assert mean_matched_iou(labels, truth) < 0.8
+    else:
+        assert int(job["object_count"]) == 0 and not labels.any()
 
 
 def test_the_issue_image_sixteen_bit_round_cells_at_1000(redis_client, redis_server, model_server, bucket):
@@ -148,3 +167,26 @@ def test_object_count_counts_labels_per_frame_and_channel():
     labels[1, :3, :3, 1] = 1
     assert object_count(labels) == 3
     assert object_count(np.zeros((1, 4, 4, 1), np.int32)) == 0
+
+
+@pytest.mark.parametrize("min_size, expected", [(32, 2), (128, 32)])
+def test_tf_min_model_size_sets_the_request_batch(min_size, expected, redis_client, redis_server,
+                                                  tiled_model_server, bucket):
+    """Upstream's GrpcModelWrapper.get_batch_size: TF_MAX_BATCH_SIZE // ((64 / TF_MIN_MODEL_SIZE)
+    ** 2 * channels) tiles per request for a 64x64 model: 8 // 4 = 2 at 32, 8 // 0.25 = 32 at 128
+    (capped at TF_MAX_BATCH_SIZE)."""
+    image, truth = make_cells((300, 260), 40, seed=25, radius=11)
+    key = submit(redis_client, save_tiff(bucket, "b.tif", as_regime(image, truth, "uint8", seed=25)))
+    redis_client.delete(protocol.metadata_key("segmentation", "1"))
+    start = len(tiled_model_server.predicted)
+    run_batch(settings_for(redis_server, tiled_model_server, bucket, TF_MAX_BATCH_SIZE=8,
+                           TF_MIN_MODEL_SIZE=min_size))
+    job = redis_client.hgetall(key)
+    assert job["status"] == "done", job
+    sizes = [shapes["image"][0] for _, _, shapes in list(tiled_model_server.predicted)[start:]]
+    # Never more than TF_MAX_BATCH_SIZE per request (the base consumer's cap).
+    assert max(sizes) == min(expected, 8, sum(sizes)) and sum(sizes) > 8
+    (labels,) = result_labels(bucket, job)
+    assert mean_matched_iou(labels, truth) >= 0.8
+    assert segmentation.batch_size([-1, 64, 64, 1], 8, min_size) == expected
+    assert segmentation.batch_size([-1, -1, -1, 2], 64, 128) == 32

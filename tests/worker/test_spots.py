@@ -1,4 +1,4 @@
-"""The spot consumer end to end (and the polaris consumer's refusal): real redis-server, the
+"""The spot and polaris consumers end to end: real redis-server, the
 SpotDetection stand-in (deepcell-spots' signature) over real gRPC, a file:// bucket, jobs as the
 Kiosk frontend writes them. Spots are compared with ``make_spots``' ground truth."""
 
@@ -14,14 +14,14 @@ import pytest
 import tifffile
 from scipy.optimize import linear_sum_assignment
 from test_frontend_jobs import frontend_submit
-from workerkit import run_batch, settings_for
+from workerkit import mean_matched_iou, run_batch, settings_for
 
 import kiosk_protocol as protocol
 from kiosk_model_server import ModelServer
+from kiosk_model_server.mesmer_model import make_tissue
 from kiosk_model_server.models import build_model
 from kiosk_model_server.spot_model import make_spots
 from kiosk_protocol import zipjobs
-from kiosk_worker.consumers.polaris import REASON
 
 #: A detected spot within this many pixels of a true one is a match.
 MATCH_DISTANCE = 1.5
@@ -155,19 +155,102 @@ def test_polaris_spots_only_writes_upstream_csv(redis_client, redis_server, spot
     assert recall >= 0.9 and precision >= 0.9, (recall, precision)
 
 
-@pytest.mark.parametrize("kind", ["cell culture", "tissue", ""])
-def test_polaris_segmentation_fails_with_a_one_line_reason(kind, redis_client, redis_server,
-                                                           spot_server, bucket):
+@pytest.mark.parametrize("kind, channels", [("", "0,1,2"), ("cell", "0,1,2"),
+                                             ("cell culture", "0,,"), ("tissue", "0,1,")])
+def test_polaris_bad_segmentation_type_fails_with_a_one_line_reason(kind, channels, redis_client,
+                                                                   redis_server, spot_server, bucket):
     image, _ = make_spots((64, 64), 10, seed=7)
     tifffile.imwrite(bucket / "p.tif", np.stack([image, image, image], axis=-1),
                      photometric="minisblack")
-    key = protocol.submit_job(redis_client, "polaris", "p.tif", channels="0,1,2",
+    key = protocol.submit_job(redis_client, "polaris", "p.tif", channels=channels,
                               segmentation_type=kind)
     runner = run_batch(polaris_settings(redis_server, spot_server, bucket))
     assert runner.stats.jobs_failed == 1
     job = redis_client.hgetall(key)
-    assert job["status"] == "failed" and job["reason"] == REASON.format(kind=kind), job
-    assert "\n" not in job["reason"]
+    assert job["status"] == "failed" and "\n" not in job["reason"], job
+    assert ("segmentation_type" in job["reason"]) if kind in ("", "cell") else ("channel" in job["reason"])
+
+
+@pytest.fixture(scope="module")
+def polaris_server() -> Iterator[ModelServer]:
+    """Every model a kiosk-console polaris worker calls, under upstream's names."""
+    names = ["SpotDetection", "NuclearSegmentation", "CytoplasmSegmentation", "MultiplexSegmentation"]
+    server = ModelServer(models=[build_model(n) for n in names]).start()
+    yield server
+    server.stop()
+
+
+def fish_image(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W, 3) spots, nuclear, cytoplasm image; true spots; whole-cell and nuclear labels.
+    Cells of radius ~40 px, so that at POLARIS_SCALE (0.38) they have the size the
+    segmentation models expect."""
+    tissue, cells, nuclei = make_tissue((384, 384), 8, seed=seed, radius=40)
+    spots, truth = make_spots((384, 384), 60, seed=seed, min_gap=8)
+    return np.stack([spots, tissue[..., 0], tissue[..., 1]], axis=-1), truth, cells, nuclei
+
+
+def assigned_correctly(rows: np.ndarray, column: np.ndarray, labels: np.ndarray,
+                       truth_spots: np.ndarray, truth_labels: np.ndarray) -> float:
+    """Fraction of true spots whose matched found spot names the cell (0 = none) the truth
+    puts it in; predicted label ids are mapped to true ones by their largest overlap."""
+    mapping = {0: 0}
+    for p in np.unique(labels[labels > 0]):
+        under = truth_labels[labels == p]
+        mapping[int(p)] = int(np.bincount(under).argmax())
+    found = rows[:, [1, 0]]  # [y, x]
+    dist = np.hypot(found[:, None, 0] - truth_spots[None, :, 0], found[:, None, 1] - truth_spots[None, :, 1])
+    r, c = linear_sum_assignment(dist)
+    good = 0
+    for i, j in zip(r, c, strict=True):
+        y, x = truth_spots[j]
+        if dist[i, j] <= MATCH_DISTANCE and mapping.get(int(column[i]), -1) == truth_labels[int(y), int(x)]:
+            good += 1
+    return good / len(truth_spots)
+
+
+def read_polaris(job: dict[str, str]) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """(CSV header, CSV rows as floats, label images in feature order) of a polaris result."""
+    with zipfile.ZipFile(job["output_url"]) as zf:
+        names = zf.namelist()
+        csvs = [n for n in names if n.endswith(".csv")]
+        assert csvs == ["fish_0.csv"], names
+        lines = zf.read("fish_0.csv").decode().split("\r\n")
+        tifs = sorted(n for n in names if n.endswith(".tif"))
+        labels = [tifffile.imread(io.BytesIO(zf.read(n))) for n in tifs]
+    assert lines[-1] == ""
+    rows = np.array([[float(v) for v in line.split(",")] for line in lines[1:-1]])
+    return lines[0].split(","), rows, labels
+
+
+@pytest.mark.parametrize("kind, compartment", [("cell culture", None), ("tissue", "whole-cell"),
+                                               ("tissue", "both")])
+def test_polaris_segments_and_assigns_spots_to_cells(kind, compartment, redis_client, redis_server,
+                                                     polaris_server, bucket):
+    image, truth, cells, nuclei = fish_image(seed=11)
+    tifffile.imwrite(bucket / "fish.tif", image, photometric="minisblack")
+    key = frontend_submit(redis_client, "polaris", "fish.tif", "fish.tif",
+                          {"dimensionOrder": "XYC", "selectedChannels": "0,1,2"})
+    redis_client.hset(key, "segmentation_type", kind)  # the polaris form's choice
+    extra = {"MESMER_COMPARTMENT": compartment} if compartment else {}
+    run_batch(settings_for(redis_server, polaris_server, bucket, QUEUE="polaris",
+                           CONSUMER_TYPE="polaris", **extra))
+    job = redis_client.hgetall(key)
+    assert job["status"] == "done", job
+    header, rows, labels = read_polaris(job)
+    # Label channels as upstream stacks them: cell culture nuclear then cytoplasm; tissue as
+    # Mesmer's compartments (whole-cell first).
+    if kind == "cell culture" or compartment == "both":
+        assert header == ["x", "y", "cellID0", "cellID1"] and len(labels) == 2
+        truths = [nuclei, cells] if kind == "cell culture" else [cells, nuclei]
+    else:
+        assert header == ["x", "y", "cellID0"] and len(labels) == 1
+        truths = [cells]
+    recall, precision = recall_precision(rows[:, [1, 0]], truth)
+    assert recall >= 0.9 and precision >= 0.9, (recall, precision)
+    for k, (pred, true) in enumerate(zip(labels, truths, strict=True)):
+        assert pred.shape == true.shape and mean_matched_iou(pred, true) >= 0.8, k
+        assert assigned_correctly(rows, rows[:, 2 + k], pred, truth, true) >= 0.9, k
+    assert int(job["object_count"]) > 0
 
 
 @pytest.mark.parametrize("clip", [False, True])

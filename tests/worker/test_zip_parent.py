@@ -206,3 +206,74 @@ def test_member_with_a_colon_is_a_relative_name(redis_client: redis.Redis, tmp_p
     for child in children:
         uploaded = bucket / redis_client.hget(child, "input_file_name")
         assert uploaded.read_bytes() in (b"png", b"png2")
+
+
+def test_parent_written_by_the_previous_release_finishes(redis_client: redis.Redis, tmp_path: Path) -> None:
+    """A zip parent fanned out before an upgrade: its ``children`` are comma-joined keys of the
+    previous release's form ``{queue}:{member}:{uuid4}`` (zipjobs.child_key before commit
+    3e09dbe), which do not name their parent. After the upgrade it still collects them; a key
+    of another job slipped in among them (older than the parent) is still refused."""
+    import uuid
+
+    bucket = tmp_path / "bucket"
+    storage = open_storage(f"file://{bucket}")
+    out = tmp_path / "a_labels.tif"
+    out.write_bytes(b"labels of a")
+    name_a, _ = storage.upload(str(out))
+
+    def legacy_parent(extra: list[str]) -> tuple[str, list[str]]:
+        key = protocol.submit_job(redis_client, "segmentation", "uploads/old.zip", "segmentation", "1")
+        redis_client.lrem("segmentation-zip", 0, key)
+        parent = redis_client.hgetall(key)
+        children = [f"segmentation:{m}:{uuid.uuid4()}" for m in ("a.tif", "b.tif", "c.tif")]
+        for child, member in zip(children, ("a.tif", "b.tif", "c.tif"), strict=True):
+            # The previous release's child_fields: the parent's fields, its own input and name.
+            redis_client.hset(child, mapping={**parent, "input_file_name": f"batch/{member}",
+                                              "original_name": member, "status": "new",
+                                              "identity_upload": "old-zip-worker",
+                                              "created_at": protocol.utc_now_iso(),
+                                              "updated_at": protocol.utc_now_iso()})
+        redis_client.hset(children[0], mapping={"status": "done", "output_file_name": name_a})
+        redis_client.hset(children[1], mapping={"status": "failed", "reason": "bad image"})
+        redis_client.hset(children[2], mapping={"status": "done", "output_file_name": name_a})
+        redis_client.hset(key, mapping={"status": "waiting", "children": ",".join(children + extra),
+                                        "children:done": "", "children:failed": "", "progress": "0",
+                                        "total_jobs": str(len(children + extra))})
+        redis_client.lpush("segmentation-zip", key)
+        return key, children
+
+    consumer, store = _consumer(redis_client, bucket, "zip-8")
+    key, children = legacy_parent([])
+    assert _visit(consumer, store, key) == "done", redis_client.hget(key, "reason")
+    job = redis_client.hgetall(key)
+    assert sorted(zipjobs.split_keys(job["children:done"])) == sorted([children[0], children[2]])
+    assert zipjobs.decode_failures(job["failures"]) == {children[1]: "bad image"}
+    with zipfile.ZipFile(job["output_url"]) as zf:
+        assert sorted(zf.namelist()) == [f"a/{Path(name_a).name}", f"c/{Path(name_a).name}"]
+
+    victim = f"segmentation:private.tif:{uuid.uuid4()}"  # legacy form, but an older job's
+    redis_client.hset(victim, mapping={**protocol.submission_fields("private.tif", "segmentation"),
+                                       "original_name": "private.tif", "status": "done",
+                                       "created_at": "2020-01-01T00:00:00Z",
+                                       "output_file_name": name_a})
+    key, _ = legacy_parent([victim])
+    assert _visit(consumer, store, key) == "failed"
+    assert "not its children" in redis_client.hget(key, "reason")
+    assert redis_client.ttl(victim) == -1
+
+
+def test_legacy_child_keys() -> None:
+    parent = {"created_at": "2026-01-02T03:04:05.000Z"}
+    key = "segmentation:dir/a.tif:0f8fad5b-d9cb-469f-a165-70867728950e"
+    assert zipjobs.legacy_child_member(key, "segmentation") == "dir/a.tif"
+    child = {"original_name": "dir/a.tif", "created_at": "2026-01-02T03:04:06+00:00"}
+    assert zipjobs.is_legacy_child(key, "segmentation", parent, child)
+    assert zipjobs.is_legacy_child(key, "segmentation", parent, {})  # gone: nothing to leak
+    assert not zipjobs.is_legacy_child(key, "segmentation", parent,
+                                       {**child, "created_at": "2026-01-02T03:04:04Z"})
+    assert not zipjobs.is_legacy_child(key, "segmentation", parent, {**child, "original_name": "b.tif"})
+    assert not zipjobs.is_legacy_child(key, "mesmer", parent, child)
+    assert not zipjobs.is_legacy_child(key, "segmentation", parent, {**child, "created_at": "junk"})
+    for bad in ("segmentation:a.tif:0f8fad5bd9cb469fa16570867728950e", "segmentation:a.tif",
+                "segmentation::0f8fad5b-d9cb-469f-a165-70867728950e"):
+        assert zipjobs.legacy_child_member(bad, "segmentation") is None

@@ -118,18 +118,18 @@ def heads_for(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return inner, interior
 
 
-def make_tissue(shape: tuple[int, int] = (256, 256), n_cells: int = 20, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_tissue(shape: tuple[int, int] = (256, 256), n_cells: int = 20, seed: int = 0,
+                radius: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A two-channel (nuclear, membrane) image with ground truth:
     ``(image float32 HxWx2, whole-cell labels int32 HxW, nuclear labels int32 HxW)``.
 
     The cells (channel 1) are ``synthetic.make_cells``' for the same arguments; each cell's
     nucleus (channel 0, same label) is the same ellipse at ``NUCLEUS_FRACTION`` of its size,
-    rendered the same way.
+    rendered the same way. ``radius`` (pixels) sets the typical cell size, as in make_cells.
     """
     shape = (int(shape[0]), int(shape[1]))
     rng = np.random.default_rng(seed)
-    cells = _place(rng, shape, n_cells, True, _default_radius(shape, n_cells))
+    cells = _place(rng, shape, n_cells, True, float(radius) if radius else _default_radius(shape, n_cells))
     membrane, labels = _render(shape, cells, rng)
     nuclei = [replace(c, radius=c.radius * NUCLEUS_FRACTION) for c in cells]
     nuclear, nuclear_labels = _render(shape, nuclei, np.random.default_rng(seed + 1_000_003))

@@ -50,33 +50,42 @@ class MesmerConsumer(SegmentationConsumer):
 
     def segment_channels(self, redis_hash: str) -> tuple[np.ndarray, str]:
         """(N, H, W, K) labels (K = 2 for ``both``) and the result stem."""
-        from kiosk_worker.tfs.client import ModelNotFound
-
         job = self.job
         input_name = job.get("input_file_name", "")
         if not input_name:
             raise JobError("the job names no input file (input_file_name is empty)")
         compartment = self.compartment()
         check_postprocess_function(job.get("postprocess_function"))
-        model = model_choice.mesmer_model(self.settings)
 
         self.set_status(redis_hash, protocol.PRE_PROCESSING)
         with self.timed("download_time"):
             local = self.storage.readable_path(input_name, self.tempdir)
         image = self.load(local, job)
-        _, height, width, _ = image.shape
         scale = model_choice.image_scale(job.get("scale"), self.settings)
+        given = (job.get("scale") or "").strip()
+        labels = self.mesmer_labels(redis_hash, image, job.get("channels", ""), scale, compartment,
+                                    {} if given else {"scale": f"{scale:g}"})
+        return labels, results.result_stem(job.get("original_name") or input_name)
+
+    def mesmer_labels(self, redis_hash: str, image: np.ndarray, channels: str, scale: float,
+                      compartment: str, predicting_fields: dict[str, str] | None = None) -> np.ndarray:
+        """(N, H, W, K) labels of a loaded (N, H, W, C) image (K = 2 for ``both``), through
+        Mesmer's pre-processing, the model and its per-compartment watershed; statuses
+        predicting and post-processing (shared with the polaris consumer's 'tissue' type)."""
+        from kiosk_worker.tfs.client import ModelNotFound
+
+        model = model_choice.mesmer_model(self.settings)
+        _, height, width, _ = image.shape
         try:
             inputs = self.get_model_metadata(model.name, model.version)
         except ModelNotFound as err:
             raise JobError(f"{err} ({model.source} names the Mesmer model)") from None
-        image, tile = self.fit_model(image, inputs, job.get("channels", ""), model.name)
+        image, tile = self.fit_model(image, inputs, channels, model.name)
         image = imaging.rescale(image, scale, self.settings.max_image_height,
                                 self.settings.max_image_width)
         image = mesmer_preprocess(image)
 
-        given = (job.get("scale") or "").strip()
-        self.set_status(redis_hash, protocol.PREDICTING, **({} if given else {"scale": f"{scale:g}"}))
+        self.set_status(redis_hash, protocol.PREDICTING, **(predicting_fields or {}))
         outputs = self.predict(image, model.name, model.version, tile)
 
         self.set_status(redis_hash, protocol.POST_PROCESSING)
@@ -88,7 +97,7 @@ class MesmerConsumer(SegmentationConsumer):
             params = WHOLE_CELL if name == "whole-cell" else NUCLEAR
             labels.append(imaging.resize_labels(label_batch(inner, pixelwise[..., 1:2], params),
                                                 height, width))
-        return np.stack(labels, axis=-1), results.result_stem(job.get("original_name") or input_name)
+        return np.stack(labels, axis=-1)
 
     @staticmethod
     def heads(outputs: dict[str, np.ndarray], model_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -147,11 +147,23 @@ class SegmentationConsumer(TensorFlowServingConsumer):
         """Model outputs for the whole batch, tiled and stitched when the model input is fixed."""
         _, h, w, _ = image.shape
         if tile is None or not tiling.needs_tiling(h, w, *tile):
-            return self.grpc_image(image, model_name, model_version)
+            return self.batched(image, model_name, model_version)
         tiles, plan = tiling.tile_image(image, tile[0], tile[1], self.tile_overlap)
-        outputs = self.grpc_image(tiles, model_name, model_version)
+        outputs = self.batched(tiles, model_name, model_version)
         return {name: tiling.untile(out, plan) for name, out in outputs.items()
                 if out.ndim >= 3 and out.shape[0] == plan.count}
+
+    def batched(self, batch: np.ndarray, model_name: str, model_version: str) -> dict[str, np.ndarray]:
+        """``grpc_image`` in requests of ``batch_size`` items (upstream's GrpcModelWrapper
+        batching), outputs concatenated."""
+        inputs = self.get_model_metadata(model_name, model_version)
+        size = batch_size(inputs[self.input_alias(inputs)]["shape"], self.settings.tf_max_batch_size,
+                          self.settings.tf_min_model_size)
+        if batch.shape[0] <= size:
+            return self.grpc_image(batch, model_name, model_version)
+        parts = [self.grpc_image(batch[i:i + size], model_name, model_version)
+                 for i in range(0, batch.shape[0], size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def postprocess(self, outputs: dict[str, np.ndarray],
                     app: pipeline.Application | None = None) -> np.ndarray:
@@ -159,6 +171,19 @@ class SegmentationConsumer(TensorFlowServingConsumer):
         from deep_watershed's defaults win); the worker's settings alone without an application."""
         params = params_for(self.settings, self.job)
         return label_outputs(outputs, app.watershed(params) if app is not None else params)
+
+
+def batch_size(shape: list[int] | None, max_batch: int, min_model_size: int) -> int:
+    """Items per Predict request, as kiosk-redis-consumer's ``GrpcModelWrapper.get_batch_size``
+    (grpc_clients.py): TF_MAX_BATCH_SIZE divided by the model input's size relative to a
+    TF_MIN_MODEL_SIZE square (fixed spatial dimensions only) times its channels; at least 1."""
+    ratio = 1.0
+    if shape:
+        for size in shape[1:-1]:
+            if size > 0:
+                ratio *= size / min_model_size
+        ratio *= shape[-1] if shape[-1] > 0 else 1
+    return max(1, int(max_batch // abs(ratio)))
 
 
 def object_count(labels: np.ndarray) -> int:

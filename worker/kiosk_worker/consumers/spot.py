@@ -66,21 +66,28 @@ class SpotConsumer(SegmentationConsumer):
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
         return self.upload_zip(self.zip_results(image, coords, stem), stem)
 
-    def detect_spots(self, redis_hash: str, channels: str) -> tuple[np.ndarray, list[np.ndarray], str]:
-        """Download, normalise, predict and post-process: ((N, H, W, 1) normalised image, per-frame
-        (n, 2) [y, x] spot centres, result stem). Statuses pre-processing to post-processing."""
-        from kiosk_worker.tfs.client import ModelNotFound
-
-        job = self.job
-        input_name = job.get("input_file_name", "")
+    def load_input(self, redis_hash: str) -> np.ndarray:
+        """Download and decode the job's input as (N, H, W, C); status pre-processing."""
+        input_name = self.job.get("input_file_name", "")
         if not input_name:
             raise JobError("the job names no input file (input_file_name is empty)")
-        model = model_choice.ModelRef.parse(self.settings.polaris_model, "POLARIS_MODEL")
-
         self.set_status(redis_hash, protocol.PRE_PROCESSING)
         with self.timed("download_time"):
             local = self.storage.readable_path(input_name, self.tempdir)
-        raw = self.load(local, job)
+        return self.load(local, self.job)
+
+    def detect_spots(self, redis_hash: str, channels: str, raw: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, list[np.ndarray], str]:
+        """Download (unless ``raw`` is the loaded input), normalise, predict and post-process:
+        ((N, H, W, 1) normalised image, per-frame (n, 2) [y, x] spot centres, result stem).
+        Statuses pre-processing to post-processing."""
+        from kiosk_worker.tfs.client import ModelNotFound
+
+        job = self.job
+        model = model_choice.ModelRef.parse(self.settings.polaris_model, "POLARIS_MODEL")
+        if raw is None:
+            raw = self.load_input(redis_hash)
+        input_name = job.get("input_file_name", "")
         try:
             inputs = self.get_model_metadata(model.name, model.version)
         except ModelNotFound as err:

@@ -127,6 +127,15 @@ class ZipConsumer(Consumer):
         children = zipjobs.split_keys(job.get(CHILDREN))
         child_queue = zipjobs.child_queue_of(protocol.queue_of_key(redis_hash))
         foreign = zipjobs.foreign_children(redis_hash, child_queue, children)
+        if foreign:  # keys the previous release wrote are kept if they are this parent's
+            pipe = self.redis.pipeline(transaction=False)
+            for key in foreign:
+                pipe.hmget(key, ("original_name", "created_at"))
+            rows = [dict(zip(("original_name", "created_at"), (protocol.text(v) for v in row), strict=True))
+                    for row in pipe.execute()]
+            foreign = [key for key, row in zip(foreign, rows, strict=True)
+                       if not zipjobs.is_legacy_child(key, child_queue, job,
+                                                      {k: v for k, v in row.items() if v is not None})]
         if foreign:
             raise JobError(f"the job's children list names {len(foreign)} key(s) that are not its "
                            f"children, e.g. '{printable(foreign[0], 80)}'")
