@@ -129,7 +129,7 @@ def test_frame_overlap_from_sparse_pair_counts_matches_a_dense_count() -> None:
     np.add.at(dense, (prev.ravel(), nxt.ravel()), 1)
     rows, cols = np.unique(prev)[1:], np.unique(nxt)[1:]
     assert (ov.prev_ids == rows).all() and (ov.next_ids == cols).all()
-    assert (ov.inter == dense[np.ix_(rows, cols)]).all()
+    assert (ov.inter.toarray() == dense[np.ix_(rows, cols)]).all()
     assert (ov.prev_area == dense.sum(axis=1)[rows]).all() and (ov.next_area == dense.sum(axis=0)[cols]).all()
 
 

@@ -184,11 +184,12 @@ def test_input_formats_and_layouts(kind, redis_client, redis_server, model_serve
 
 
 def _png_header_only(path: Path, height: int, width: int) -> None:
-    """A PNG whose IHDR claims height x width but holds no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    chunk = b"IHDR" + ihdr
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
-                     + struct.pack(">I", zlib.crc32(chunk)))
+    """A PNG whose IHDR claims height x width over a few bytes of pixel data (a header parser
+    reads up to the first IDAT chunk)."""
+    chunks = (b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0),
+              b"IDAT" + zlib.compress(b"\x00" * 64))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks))
 
 
 def _npy_header_only(path: Path, shape: tuple[int, ...]) -> None:

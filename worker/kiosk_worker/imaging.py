@@ -1,7 +1,7 @@
 """Load input images safely and shape them for a model.
 
 Sizes are read from the file header before any pixel is decoded (TIFF, PNG,
-JPEG, NPY), so an oversized image is rejected without allocating it. Loaded
+JPEG by Pillow's lazy open, NPY), so an oversized image is rejected without allocating it. Loaded
 images are normalised to ``(N, H, W, C)``: N frames (batch/time/z axes
 flattened), C channels, following the job's ``dimension_order`` and ``channels``.
 
@@ -19,8 +19,8 @@ JPEG images have a channel axis when the order has three letters, as upstream lo
 
 from __future__ import annotations
 
+import io
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -36,6 +36,7 @@ __all__ = [
     "ImageInfo",
     "check_size",
     "detect_format",
+    "detected_dim_order",
     "fit_channels",
     "frame_count",
     "load_image",
@@ -123,64 +124,93 @@ def read_header(path: str) -> ImageInfo:
                     shape, dtype = mapped.shape, mapped.dtype
                     del mapped
             return ImageInfo(fmt, tuple(int(s) for s in shape), str(dtype))
-        with open(path, "rb") as fh:
-            height, width, bands = _png_header(fh) if fmt == "png" else _jpeg_header(fh)
-            itemsize = 1
-            if fmt == "png":
-                fh.seek(24)
-                itemsize = 2 if fh.read(1) == b"\x10" else 1
-        shape = (height, width) if bands == 1 else (height, width, bands)
-        return ImageInfo(fmt, shape, None, itemsize)
+        return _pil_header(path, fmt)
     except BadImage:
         raise
     except Exception as err:
         raise BadImage(f"cannot read {fmt.upper()} header of '{name}': {describe(err, ERROR_LIMIT)}") from None
 
 
-_PNG_BANDS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
-# JPEG start-of-frame markers (SOF0..SOF15 except DHT, JPG and DAC).
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: Bytes of a PNG or JPEG file its header read may look at. Everything Pillow reads before the
+#: pixel data (metadata segments of at most 64 KiB each, text chunks) sits well inside it in any
+#: file a camera or microscope writes; a file with no frame header there is refused instead of
+#: scanned to its end (a JPEG's junk bytes are skipped one read at a time).
+HEADER_SCAN_BYTES = 4 << 20
+#: Bytes per sample of the array Pillow decodes, by mode ("I;16" and its byte orders: 2).
+_PIL_ITEMSIZE = {"I": 4, "F": 4}
 
 
-def _png_header(fh: BinaryIO) -> tuple[int, int, int]:
-    """(height, width, bands) from the IHDR chunk, which the PNG spec puts first."""
-    head = fh.read(26)
-    if len(head) < 26 or head[12:16] != b"IHDR":
-        raise BadImage("PNG header is truncated or has no IHDR chunk")
-    width, height = struct.unpack(">II", head[16:24])
-    color_type = head[25]
-    if color_type not in _PNG_BANDS:
-        raise BadImage(f"PNG has an invalid color type {color_type}")
-    return height, width, _PNG_BANDS[color_type]
+class _Prefix(io.RawIOBase):
+    """The first ``limit`` bytes of a file, read-only and seekable: a bounded view for a header
+    parser, so that nothing it does can read past the limit."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self._limit = limit
+        self._pos = 0
+        #: Set when a read was cut at the limit (the header did not end inside the view).
+        self.hit_limit = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._limit}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        want = min(len(buffer), self._limit - self._pos)
+        if want <= 0:
+            self.hit_limit = self.hit_limit or len(buffer) > 0
+            return 0
+        self._raw.seek(self._pos)
+        data = self._raw.read(want)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        if len(data) == want < len(buffer):
+            self.hit_limit = True
+        return len(data)
 
 
-def _jpeg_header(fh: BinaryIO) -> tuple[int, int, int]:
-    """(height, width, components) from the first start-of-frame segment."""
-    fh.seek(2)
-    while True:
-        byte = fh.read(1)
-        while byte and byte != b"\xff":
-            byte = fh.read(1)
-        while byte == b"\xff":
-            byte = fh.read(1)
-        if not byte:
-            raise BadImage("JPEG has no frame header")
-        marker = byte[0]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            continue
-        if marker == 0xD9:
-            raise BadImage("JPEG has no frame header")
-        length_bytes = fh.read(2)
-        if len(length_bytes) < 2:
-            raise BadImage("JPEG header is truncated")
-        (length,) = struct.unpack(">H", length_bytes)
-        if marker in _SOF:
-            seg = fh.read(6)
-            if len(seg) < 6:
-                raise BadImage("JPEG frame header is truncated")
-            _, height, width, comps = struct.unpack(">BHHB", seg)
-            return height, width, comps
-        fh.seek(length - 2, 1)
+def _pil_class(fmt: str) -> type:
+    """The Pillow plugin class itself: ``Image.open`` would add its own decompression-bomb
+    limit (a warning or error by pixel count), where ours are the header checks."""
+    if fmt == "png":
+        from PIL import PngImagePlugin
+
+        return PngImagePlugin.PngImageFile
+    from PIL import JpegImagePlugin
+
+    return JpegImagePlugin.JpegImageFile
+
+
+def _pil_header(path: str, fmt: str) -> ImageInfo:
+    """Size, bands and sample size from Pillow's lazy open (no pixel decoded), reading at most
+    HEADER_SCAN_BYTES of the file."""
+    with open(path, "rb") as raw:
+        view = _Prefix(raw, HEADER_SCAN_BYTES)
+        try:
+            img = _pil_class(fmt)(io.BufferedReader(view, buffer_size=16 << 10))
+        except Exception as err:
+            if view.hit_limit:
+                raise BadImage(f"{fmt.upper()} has no frame header in its first {HEADER_SCAN_BYTES}"
+                               " bytes") from None
+            raise BadImage(f"cannot read {fmt.upper()} header of '{os.path.basename(path)}': "
+                           f"{describe(err, ERROR_LIMIT)}") from None
+        with img:
+            width, height = img.size
+            bands = len(img.getbands())
+            itemsize = 2 if img.mode.startswith("I;16") else _PIL_ITEMSIZE.get(img.mode, 1)
+    shape = (height, width) if bands == 1 else (height, width, bands)
+    return ImageInfo(fmt, shape, None, itemsize)
 
 
 def check_size(info: ImageInfo, max_height: int, max_width: int, dimension_order: str = "",
@@ -287,9 +317,7 @@ def _load_other(path: str, info: ImageInfo, max_height: int, max_width: int,
         if info.format == "npy":
             array = np.load(path, allow_pickle=False)
         else:
-            from PIL import Image
-
-            with Image.open(path) as img:
+            with _pil_class(info.format)(path) as img:
                 img.load()
                 array = np.asarray(img)
     except Exception as err:
@@ -444,3 +472,15 @@ def resize_labels(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.intp), h - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.intp), w - 1)
     return labels[:, rows][:, :, cols]
+
+
+def detected_dim_order(image_shape: Sequence[int], model_rank: int = 4) -> str:
+    """The ``dim_order`` the Kiosk's mesmer and spot consumers write back into the job hash
+    (base_consumer.detect_dimension_order): the model's spatial axes (``YX`` for a rank-4
+    input) with ``C`` after them when the image's smallest non-batch axis is its last, before
+    them otherwise. ``image_shape`` is the image as the consumer holds it before its batch axis
+    is added (the mesmer consumer: the file's array with length-1 axes squeezed)."""
+    order = "ZYX"[-(model_rank - 2):]
+    dims = list(image_shape)
+    channel_axis = dims.index(min(dims)) + 1 if dims else model_rank - 1
+    return f"{order}C" if channel_axis == model_rank - 1 else f"C{order}"

@@ -1,8 +1,11 @@
 """Cell tracking: link per-frame label images into tracks with a lineage.
 
 Frame to frame, cells are matched by overlap: the intersection-over-union of
-every (previous, next) pair feeds an optimal one-to-one assignment
-(``scipy.optimize.linear_sum_assignment``). Before the assignment, a previous
+every (previous, next) pair that overlaps feeds an optimal one-to-one assignment
+(sparse Jonker-Volgenant, ``scipy.sparse.csgraph.min_weight_full_bipartite_matching``).
+Only overlapping pairs are ever stored (at most one per pixel), so memory grows with
+the pixels, never with cells x cells; pairs that do not overlap have IoU 0 and could
+not change the optimum. Before the assignment, a previous
 cell whose area is now covered by two smaller cells that overlap nobody else
 as much is taken to have divided: it ends, and the two start as its
 daughters. A cell the segmentation missed for up to ``max_gap`` frames keeps its
@@ -51,8 +54,9 @@ class TrackingParams:
     daughter_area: allowed (min, max) of the two daughters' summed area / parent area.
     max_gap: frames a cell may be missing (a segmentation miss) and still keep its track.
     max_frames: longest stack tracked (MAX_IMAGE_FRAMES); 0 = no limit.
-    max_cells: most cells one frame may have (MAX_CELLS_PER_FRAME): the per-pair overlap,
-    IoU and optimal assignment are cells x cells, so the cap comes before any of them.
+    max_cells: most cells one frame may have (MAX_CELLS_PER_FRAME), checked before any
+    overlap: it bounds the work and the lineage of one job (overlaps and the assignment are
+    sparse, so memory does not grow with cells x cells).
     """
 
     min_iou: float = 0.1
@@ -70,19 +74,40 @@ class TrackingTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class FrameOverlap:
-    """Pixel overlap between the cells of two frames."""
+    """Pixel overlap between the cells of two frames, as the list of pairs that overlap.
+
+    ``rows[k]``, ``cols[k]`` index ``prev_ids`` / ``next_ids``; pairs are sorted by row, then
+    column, and each occurs once.
+    """
 
     prev_ids: np.ndarray  # (P,) label values of the previous frame
     next_ids: np.ndarray  # (N,) label values of the next frame
-    inter: np.ndarray  # (P, N) intersecting pixels
+    rows: np.ndarray  # (K,) row of each overlapping pair
+    cols: np.ndarray  # (K,) column of each overlapping pair
+    pair_inter: np.ndarray  # (K,) intersecting pixels of each pair (> 0)
     prev_area: np.ndarray  # (P,)
     next_area: np.ndarray  # (N,)
 
     @property
-    def iou(self) -> np.ndarray:
-        union = self.prev_area[:, None] + self.next_area[None, :] - self.inter
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(union > 0, self.inter / np.maximum(union, 1), 0.0)
+    def pair_iou(self) -> np.ndarray:
+        """(K,) IoU of each overlapping pair."""
+        union = self.prev_area[self.rows] + self.next_area[self.cols] - self.pair_inter
+        return self.pair_inter / np.maximum(union, 1)
+
+    def _sparse(self, values: np.ndarray) -> Any:
+        from scipy.sparse import csr_array
+
+        return csr_array((values, (self.rows, self.cols)), shape=(len(self.prev_ids), len(self.next_ids)))
+
+    @property
+    def inter(self) -> Any:
+        """(P, N) intersecting pixels as a scipy sparse array."""
+        return self._sparse(self.pair_inter)
+
+    @property
+    def iou(self) -> Any:
+        """(P, N) IoU as a scipy sparse array (pairs that do not overlap: 0)."""
+        return self._sparse(self.pair_iou)
 
 
 @dataclass
@@ -129,12 +154,12 @@ def frame_overlap(prev: np.ndarray, nxt: np.ndarray) -> FrameOverlap:
     row_of = np.cumsum(keep_p) - 1
     col_of = np.cumsum(keep_n) - 1
     pair = keep_p[rows] & keep_n[cols]
-    inter = np.zeros((int(keep_p.sum()), int(keep_n.sum())), dtype=np.int64)
-    inter[row_of[rows[pair]], col_of[cols[pair]]] = counts[pair]
     return FrameOverlap(
         prev_ids=prev_ids[keep_p],
         next_ids=next_ids[keep_n],
-        inter=inter,
+        rows=row_of[rows[pair]],
+        cols=col_of[cols[pair]],
+        pair_inter=counts[pair].astype(np.int64),
         prev_area=prev_area[keep_p],
         next_area=next_area[keep_n],
     )
@@ -148,40 +173,70 @@ def detect_divisions(ov: FrameOverlap,
     and more than on any other previous cell); the parent must have no good
     one-to-one continuation; the daughters' summed area must be plausible.
     """
-    if ov.inter.size == 0:
+    if len(ov.rows) == 0:
         return {}
-    iou = ov.iou
-    share = ov.inter / np.maximum(ov.next_area[None, :], 1)
-    owner = np.argmax(ov.inter, axis=0)  # previous cell each next cell overlaps most
+    rows, cols, inter = ov.rows, ov.cols, ov.pair_inter
+    best_iou = np.zeros(len(ov.prev_ids))
+    np.maximum.at(best_iou, rows, ov.pair_iou)
+    # The previous cell each next cell overlaps most (the first row on a tie).
+    by_col = np.lexsort((rows, -inter, cols))
+    first = by_col[np.r_[True, cols[by_col][1:] != cols[by_col][:-1]]]
+    owner = np.full(len(ov.next_ids), -1, dtype=np.intp)
+    owner[cols[first]] = rows[first]
+    cand = (inter / np.maximum(ov.next_area[cols], 1) >= params.daughter_overlap) & (owner[cols] == rows)
+    cand &= best_iou[rows] < params.division_iou
+    # Candidates by row, the largest overlap first (the lower column on a tie).
+    order = np.flatnonzero(cand)
+    order = order[np.lexsort((cols[order], -inter[order], rows[order]))]
     result: dict[int, tuple[int, int]] = {}
-    for p in range(len(ov.prev_ids)):
-        cands = [n for n in np.flatnonzero(share[p] >= params.daughter_overlap) if owner[n] == p]
-        if len(cands) < 2:
-            continue
-        cands.sort(key=lambda n: -ov.inter[p, n])
-        a, b = cands[0], cands[1]
-        if iou[p].max() >= params.division_iou:
-            continue
+    starts = np.flatnonzero(np.r_[True, rows[order][1:] != rows[order][:-1]]) if len(order) else []
+    for i in starts:
+        p = int(rows[order[i]])
+        if i + 1 >= len(order) or rows[order[i + 1]] != p:
+            continue  # one candidate: no division
+        a, b = int(cols[order[i]]), int(cols[order[i + 1]])
         ratio = (ov.next_area[a] + ov.next_area[b]) / max(ov.prev_area[p], 1)
-        if not params.daughter_area[0] <= ratio <= params.daughter_area[1]:
-            continue
-        result[p] = (int(a), int(b))
+        if params.daughter_area[0] <= ratio <= params.daughter_area[1]:
+            result[p] = (a, b)
     return result
 
 
 def match_cells(ov: FrameOverlap, params: TrackingParams = TrackingParams(),
                 skip_rows: set[int] | frozenset[int] = frozenset(),
                 skip_cols: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, int]]:
-    """Optimal one-to-one (row, col) links maximising total IoU, each at least ``min_iou``."""
-    rows = [r for r in range(len(ov.prev_ids)) if r not in skip_rows]
-    cols = [c for c in range(len(ov.next_ids)) if c not in skip_cols]
-    if not rows or not cols:
-        return []
-    from scipy.optimize import linear_sum_assignment  # ~0.3 s to import: not at worker start
+    """Optimal one-to-one (row, col) links maximising total IoU, each at least ``min_iou``.
 
-    iou = ov.iou[np.ix_(rows, cols)]
-    r_idx, c_idx = linear_sum_assignment(iou, maximize=True)
-    return [(rows[r], cols[c]) for r, c in zip(r_idx, c_idx, strict=True) if iou[r, c] >= params.min_iou]
+    The optimum of the dense cells x cells assignment, found on the overlapping pairs only: a
+    row may also stay unmatched (a private dummy column), which is what an IoU-0 link in the
+    dense problem amounts to.
+    """
+    keep = np.ones(len(ov.rows), dtype=bool)
+    if skip_rows:
+        keep &= ~np.isin(ov.rows, np.fromiter(skip_rows, dtype=np.intp))
+    if skip_cols:
+        keep &= ~np.isin(ov.cols, np.fromiter(skip_cols, dtype=np.intp))
+    if not keep.any():
+        return []
+    # ~0.3 s to import: not at worker start
+    from scipy.sparse import csr_array
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    iou = ov.pair_iou[keep]
+    row_ids, r_local = np.unique(ov.rows[keep], return_inverse=True)
+    col_ids, c_local = np.unique(ov.cols[keep], return_inverse=True)
+    n_rows, n_cols = len(row_ids), len(col_ids)
+    # Costs 2 - IoU on real pairs, 2 on each row's dummy: all non-zero (the solver drops zeros),
+    # and minimising them maximises the summed IoU of the real links.
+    graph = csr_array((np.r_[2.0 - iou, np.full(n_rows, 2.0)],
+                       (np.r_[r_local, np.arange(n_rows)], np.r_[c_local, n_cols + np.arange(n_rows)])),
+                      shape=(n_rows, n_cols + n_rows))
+    r_idx, c_idx = min_weight_full_bipartite_matching(graph)
+    real = c_idx < n_cols
+    r_idx, c_idx = r_idx[real], c_idx[real]
+    pair_codes = r_local.astype(np.int64) * n_cols + c_local  # sorted: pairs come row, then column
+    link_iou = iou[np.searchsorted(pair_codes, r_idx.astype(np.int64) * n_cols + c_idx)]
+    return [(int(row_ids[r]), int(col_ids[c])) for r, c, v in zip(r_idx, c_idx, link_iou, strict=True)
+            if v >= params.min_iou]
 
 
 def _new_entry(cid: int, parent: int | None) -> dict[str, Any]:
@@ -256,11 +311,12 @@ def track(labels: np.ndarray, params: TrackingParams | None = None) -> TrackingR
                 if int(value) not in assigned:
                     assigned[int(value)] = start(None)
         if assigned:
-            lut = np.zeros(int(frame.max()) + 1, dtype=np.int32)
+            ids, index = _compact(frame)  # no table sized by the largest label value
+            track_of = np.zeros(len(ids), dtype=np.int32)
             for value, cid in assigned.items():
-                lut[value] = cid
+                track_of[np.searchsorted(ids, value)] = cid
                 lineage[cid]["frames"].append(t)
-            out[t] = lut[np.clip(frame, 0, None)]
+            out[t] = track_of[index].reshape(frame.shape)
         current = assigned
 
     for info in lineage.values():

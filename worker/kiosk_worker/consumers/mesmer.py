@@ -61,6 +61,9 @@ class MesmerConsumer(SegmentationConsumer):
         with self.timed("download_time"):
             local = self.storage.readable_path(input_name, self.tempdir)
         image = self.load(local, job)
+        # As the Kiosk's mesmer consumer: the detected order of the squeezed file array.
+        squeezed = [d for d in imaging.read_header(local).shape if d != 1]
+        self.update_key(redis_hash, {"dim_order": imaging.detected_dim_order(squeezed)})
         scale = model_choice.image_scale(job.get("scale"), self.settings)
         given = (job.get("scale") or "").strip()
         labels = self.mesmer_labels(redis_hash, image, job.get("channels", ""), scale, compartment,

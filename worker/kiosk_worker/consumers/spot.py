@@ -23,7 +23,7 @@ import zipfile
 import numpy as np
 
 import kiosk_protocol as protocol
-from kiosk_worker import model_choice, results
+from kiosk_worker import imaging, model_choice, results
 from kiosk_worker.consumers.segmentation import SegmentationConsumer
 from kiosk_worker.errors import JobError, ModelMismatch
 
@@ -85,8 +85,10 @@ class SpotConsumer(SegmentationConsumer):
 
         job = self.job
         model = model_choice.ModelRef.parse(self.settings.polaris_model, "POLARIS_MODEL")
-        if raw is None:
+        if raw is None:  # a spot job of its own (polaris's spots write no dim_order, as upstream)
             raw = self.load_input(redis_hash)
+            # The Kiosk's spot consumer sends (batch, H, W, 1) frames: its detected order.
+            self.update_key(redis_hash, {"dim_order": imaging.detected_dim_order((*raw.shape[1:3], 1))})
         input_name = job.get("input_file_name", "")
         try:
             inputs = self.get_model_metadata(model.name, model.version)
