@@ -1,7 +1,8 @@
 """The pool's worker Deployment: render it, put back the fields we own, and scale it busy-aware.
 
 Nothing is created or changed for a pool the admin policy refuses (``refusals``), and a
-``<pool>-worker`` Deployment the pool does not own is never replaced or scaled.
+``<pool>-worker`` Deployment the pool does not own is never replaced or scaled. A refused pool's
+own worker Deployment is scaled to 0 and kept (``stand_down``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kiosk_operator import manifests, policy
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
 from kiosk_operator.spec import PoolSpec
+from kiosk_operator.status import Event
 
 log = logging.getLogger("kiosk_operator")
 
@@ -60,6 +62,32 @@ def refusals(kube: Kube, pool: dict[str, Any], spec: PoolSpec) -> list[str]:
         return [f"metadata.namespace: this operator does not act in namespace {ns!r} (system or its own)"]
     pol = policy.current()
     return policy.violations(pol, spec, ns) + secret_refusals(kube, ns, spec, pol)
+
+
+def stand_down(kube: Kube, pool: dict[str, Any], reason: str) -> list[Event]:
+    """Scale the refused pool's own worker Deployment to 0; one Warning Event when it had replicas.
+
+    A pool refused after its workers started (the policy was tightened, a Secret lost its label)
+    must not keep running them. The Deployment is kept, not deleted, so that once the refusal is
+    lifted the next cycle scales it back. A Deployment the pool does not own is never touched, nor
+    anything in a namespace the operator does not act in. Called every refused cycle, so a hand
+    scale-up is undone too.
+    """
+    meta = pool["metadata"]
+    ns, name = meta["namespace"], manifests.deployment_name(meta["name"])
+    if ns in policy.excluded_namespaces():
+        return []
+    have = kube.get_deployment(ns, name)
+    if have is None or not policy.owned_by(have, pool):
+        return []
+    replicas = int(have.get("spec", {}).get("replicas") or 0)
+    if replicas == 0:
+        return []
+    kube.scale_deployment(ns, name, 0)
+    log.warning("pool %s/%s refused by the admin policy: Deployment %s scaled from %d to 0", ns, meta["name"], name,
+                replicas)
+    message = f"worker Deployment {name} scaled from {replicas} to 0 (kept) while the policy refuses the pool: {reason}"
+    return [Event("Warning", "DeploymentScaledDown", message)]
 
 
 def check_owned(have: dict[str, Any] | None, pool: dict[str, Any]) -> None:

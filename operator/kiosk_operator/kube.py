@@ -18,14 +18,22 @@ from kubernetes.client.rest import ApiException
 
 from kiosk_protocol.crd import GROUP, PLURAL, VERSION
 
+#: HTTP connections kept to the API server: at least the threads that call it at once (the
+#: scaling executor and kopf's sync-handler threads). The client's default (5 per CPU) is smaller,
+#: and every request beyond the pool opens, and throws away, a new TLS connection (a handshake on
+#: both sides per request while 200 pools scale at once).
+CONNECTION_POOL_SIZE = 96
 
-def load_api_client() -> k8s.ApiClient:
+
+def load_api_client(pool_size: int = CONNECTION_POOL_SIZE) -> k8s.ApiClient:
     """In-cluster credentials when running in a pod, else KUBECONFIG / ~/.kube/config."""
+    conf = k8s.Configuration()
     try:
-        k8s_config.load_incluster_config()
-        return k8s.ApiClient()
+        k8s_config.load_incluster_config(client_configuration=conf)
     except k8s_config.ConfigException:
-        return k8s_config.new_client_from_config()
+        k8s_config.load_kube_config(client_configuration=conf)
+    conf.connection_pool_maxsize = pool_size
+    return k8s.ApiClient(conf)
 
 
 def _json(resp: Any) -> Any:

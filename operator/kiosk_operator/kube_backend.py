@@ -16,18 +16,28 @@ import redis
 
 from kiosk_operator import cycle, jobmode, manifests, policy, reclaim
 from kiosk_operator.cycle import CycleResult, Jobs, Scaled, Workers
-from kiosk_operator.deployment import Refused, check_owned, ensure_deployment, refusals, scale_deployment
+from kiosk_operator.deployment import Refused, check_owned, ensure_deployment, refusals, scale_deployment, stand_down
 from kiosk_operator.depth import RedisClients, tls_material
 from kiosk_operator.kube import Kube
 from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
-from kiosk_operator.status import Event, PoolState, parse_iso, set_condition, warn_once, write_status
+from kiosk_operator.status import (
+    Event,
+    PoolState,
+    StatusWriter,
+    parse_iso,
+    set_condition,
+    warn_once,
+    write_status,
+)
 
 log = logging.getLogger("kiosk_operator")
 
 #: Seconds until a pool with an invalid spec is looked at again.
 INVALID_SPEC_INTERVAL = 5.0
 
-ReplicasOf = Callable[[str, str], tuple[int, int] | None]
+#: (namespace, Deployment) -> (spec replicas, pods[, owner uids, resourceVersion]) from a watch
+#: cache, or None.
+ReplicasOf = Callable[[str, str], tuple[int, int] | tuple[int, int, tuple[str, ...], str] | None]
 
 
 class KubeBackend:
@@ -50,6 +60,10 @@ class KubeBackend:
         self.dep_name = manifests.deployment_name(self.name)
         self._pod_alive = reclaim.kube_pod_alive(kube.core, self.ns)
         self._jobs: list[jobmode.JobView] = []
+        #: The watch cache says the pool owns its Deployment: scaling needs no GET to check.
+        self._owned = False
+        #: The Deployment's resourceVersion in the watch cache this cycle ('' when not cached).
+        self._seen_version = ""
 
     # -- Deployment mode --
 
@@ -57,7 +71,20 @@ class KubeBackend:
         """From the watch cache when it knows the Deployment, else read (and created when missing)."""
         cached = self.replicas_of(self.ns, self.dep_name) if self.replicas_of else None
         if cached is not None:
-            return Workers(*cached)
+            uid = self.pool["metadata"].get("uid")
+            if len(cached) < 4:  # no owners cached: scale_to reads the Deployment to check
+                return Workers(cached[0], cached[1])
+            replicas, pods, owners, version = cached  # type: ignore[misc]
+            if uid is not None and uid in owners:
+                self._owned, self._seen_version = True, version
+                scaled = self.state.scaled
+                if scaled is not None and scaled[1] == version:
+                    # The watch has not brought our last scale yet: count what we asked for, so
+                    # that a slow API server is not sent the same patch again every interval.
+                    return Workers(scaled[0], pods)
+                self.state.scaled = None
+                return Workers(replicas, pods)
+            # Not the pool's (or replaced meanwhile): the read below refuses it.
         dep = self.kube.get_deployment(self.ns, self.dep_name)
         check_owned(dep, self.pool)
         if dep is None:
@@ -75,8 +102,10 @@ class KubeBackend:
         return holding
 
     def scale_to(self, current: int, replicas: int, busy: frozenset[str]) -> Scaled:
-        check_owned(self.kube.get_deployment(self.ns, self.dep_name), self.pool)
+        if not self._owned:
+            check_owned(self.kube.get_deployment(self.ns, self.dep_name), self.pool)
         scale_deployment(self.kube, self.ns, self.name, current, replicas, busy)
+        self.state.scaled = (replicas, self._seen_version) if self._seen_version else None
         return Scaled()
 
     # -- Job mode --
@@ -157,11 +186,13 @@ def run_cycle(
     now: Callable[[], float] = time.time,
     logger: Any = log,
     replicas_of: ReplicasOf | None = None,
+    status_writer: StatusWriter | None = None,
 ) -> CycleResult:
     """One cycle of a pool in the cluster, then its status. Never raises for Redis.
 
     ``replicas_of(namespace, deployment)`` -> (spec replicas, pods) answers from a watch cache
     (None: unknown, then the Deployment is read), so an idle cycle costs Redis round trips only.
+    ``status_writer`` takes the status patch off this thread (else it is written before returning).
     """
     meta = pool["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -196,7 +227,7 @@ def run_cycle(
     else:
         why = state.conditions["RedisReachable"]
         set_condition(state, "Ready", False, why["reason"], why["message"], t)
-    write_status(kube, ns, name, state, fields)
+    write_status(kube, ns, name, state, fields, status_writer)
     return result
 
 
@@ -210,10 +241,10 @@ def _restore(state: PoolState, pool: dict[str, Any], spec: PoolSpec) -> None:
 
 
 def _refused(kube: Kube, pool: dict[str, Any], state: PoolState, reasons: list[str], t: float) -> CycleResult:
-    """The admin policy refuses the pool: conditions and one Warning naming the fields; nothing is acted on."""
+    """The admin policy refuses the pool: conditions and one Warning naming the fields; its own workers go to 0."""
     meta = pool["metadata"]
     message = "; ".join(reasons)
-    events: list[Event] = []
+    events: list[Event] = stand_down(kube, pool, message)
     set_condition(state, "Ready", False, "PolicyViolation", message, t)
     set_condition(state, "ScalingActive", False, "PolicyViolation", message, t)
     warn_once(state, "policy-violation", events, Event("Warning", "PolicyViolation", message))

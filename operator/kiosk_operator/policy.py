@@ -6,7 +6,8 @@ the operator's environment as ``KIOSK_POLICY`` (JSON) and, the same values, into
 ValidatingAdmissionPolicy (helm/kiosk-operator/templates/admission-policy.yaml) so the API
 server refuses a violating pool. The operator checks again (``violations``): a pool created
 before the policy, or while the admission policy was off, gets a PolicyViolation condition
-and a Warning Event naming the field, and nothing is created or scaled for it.
+and a Warning Event naming the field, and nothing is created or scaled up for it; a worker
+Deployment the pool already owns is scaled to 0 and kept, so lifting the refusal restores it.
 
 Always on, whatever the policy: the operator reads only Secrets labelled
 ``SECRET_LABEL: "true"`` (``secret_allowed``), and touches only Deployments owned by the
@@ -63,6 +64,12 @@ class Policy:
     allowed_volume_types: tuple[str, ...] = DEFAULT_VOLUME_TYPES
     #: Whether spec.worker.securityContext/podSecurityContext may loosen the restricted defaults.
     allow_privilege_overrides: bool = False
+    #: spec.worker.priorityClassName must be one of these ("*": any); empty: the field must be empty,
+    #: since a high PriorityClass lets a pool preempt other teams' pods.
+    allowed_priority_classes: tuple[str, ...] = ()
+    #: Secrets spec.worker.imagePullSecrets may name ("*": any); empty: none, since the kubelet pulls
+    #: with credentials the pool's author cannot read.
+    allowed_image_pull_secrets: tuple[str, ...] = ()
     #: spec.modelServer.deployment must carry MODEL_SERVER_LABEL unless the pool owns it.
     require_model_server_label: bool = True
     #: False only for an operator started without a policy (tests, local development).
@@ -78,6 +85,8 @@ class Policy:
             allowed_service_accounts=("*",),
             allowed_redis_hosts=("*",),
             allowed_volume_types=("*",),
+            allowed_priority_classes=("*",),
+            allowed_image_pull_secrets=("*",),
             require_model_server_label=False,
             configured=False,
         )
@@ -93,6 +102,8 @@ _KEYS = {
     "allowedRedisHosts": "allowed_redis_hosts",
     "allowedVolumeTypes": "allowed_volume_types",
     "allowPrivilegeOverrides": "allow_privilege_overrides",
+    "allowedPriorityClasses": "allowed_priority_classes",
+    "allowedImagePullSecrets": "allowed_image_pull_secrets",
     "requireModelServerLabel": "require_model_server_label",
 }
 
@@ -219,6 +230,12 @@ def violations(policy: Policy, spec: PoolSpec, namespace: str) -> list[str]:
         for kind in volume:
             if kind != "name" and not _allowed(policy.allowed_volume_types, kind):
                 out.append(f"spec.worker.volumes[{i}].{kind}: volume type not allowed")
+    pc = w.priority_class_name
+    if pc and not _allowed(policy.allowed_priority_classes, pc):
+        out.append(f"spec.worker.priorityClassName: {pc!r} is not an allowed PriorityClass")
+    for i, name in enumerate(w.image_pull_secrets):
+        if not _allowed(policy.allowed_image_pull_secrets, name):
+            out.append(f"spec.worker.imagePullSecrets[{i}].name: {name!r} is not an allowed image pull Secret")
     if not policy.allow_privilege_overrides:
         out += _security_context(w.security_context, "spec.worker.securityContext")
         out += _security_context(w.pod_security_context, "spec.worker.podSecurityContext")

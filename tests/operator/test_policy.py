@@ -42,6 +42,8 @@ def test_a_plain_pool_is_allowed_by_the_default_policy():
         ({"securityContext": {"runAsUser": 0}}, "spec.worker.securityContext.runAsUser"),
         ({"securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}, "spec.worker.securityContext.capabilities"),
         ({"podSecurityContext": {"runAsNonRoot": False}}, "spec.worker.podSecurityContext.runAsNonRoot"),
+        ({"priorityClassName": "system-cluster-critical"}, "spec.worker.priorityClassName"),
+        ({"imagePullSecrets": [{"name": "regcred"}]}, "spec.worker.imagePullSecrets[0].name"),
         ({"redis": {"host": "evil.example.com", "passwordSecretRef": {"name": "r", "key": "p"}}}, "spec.redis.host"),
         ({"redis": {"host": "redis.other-ns.svc", "passwordSecretRef": {"name": "r", "key": "p"}}},
          "spec.redis.host"),
@@ -157,7 +159,28 @@ def test_platform_fields_reach_the_pod():
     assert pod["priorityClassName"] == "batch-low" and pod["topologySpreadConstraints"][0]["maxSkew"] == 1
     assert pod["volumes"][-1]["name"] == "models" and c["volumeMounts"][-1]["mountPath"] == "/models"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-    assert violations(Policy(), spec, NS) == []
+    allowing = parse_policy({"allowedPriorityClasses": ["batch-low"], "allowedImagePullSecrets": ["regcred"]})
+    assert violations(allowing, spec, NS) == []
+
+
+def test_priority_class_and_pull_secrets_are_listed_by_the_admin():
+    """Refused by default (preemption, someone else's registry credentials); a list or "*" allows."""
+    spec = _spec(priorityClassName="high", imagePullSecrets=[{"name": "regcred"}, {"name": "team-b-pull"}])
+    assert violations(Policy(), spec, NS) == [
+        "spec.worker.priorityClassName: 'high' is not an allowed PriorityClass",
+        "spec.worker.imagePullSecrets[0].name: 'regcred' is not an allowed image pull Secret",
+        "spec.worker.imagePullSecrets[1].name: 'team-b-pull' is not an allowed image pull Secret",
+    ]
+    listed = parse_policy({"allowedPriorityClasses": ["batch-low"], "allowedImagePullSecrets": ["regcred"]})
+    assert violations(listed, spec, NS) == [
+        "spec.worker.priorityClassName: 'high' is not an allowed PriorityClass",
+        "spec.worker.imagePullSecrets[1].name: 'team-b-pull' is not an allowed image pull Secret",
+    ]
+    anything = parse_policy({"allowedPriorityClasses": ["*"], "allowedImagePullSecrets": ["*"]})
+    assert violations(anything, spec, NS) == []
+    assert violations(Policy.permissive(), spec, NS) == []
+    with pytest.raises(ValueError, match="policy.allowedPriorityClasses: must be a list of strings"):
+        parse_policy({"allowedPriorityClasses": "high"})
 
 
 @pytest.mark.parametrize(

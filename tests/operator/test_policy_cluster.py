@@ -21,6 +21,7 @@ import yaml
 import kiosk_protocol as protocol
 from harness.cluster import ApiError, LocalCluster, binary_path, binary_versions
 from harness.operator_process import pool_manifest
+from harness.redis_server import RedisServer
 from harness.wait import wait_for
 from kiosk_operator import manifests, policy
 
@@ -31,8 +32,14 @@ CHART = ROOT / "helm" / "kiosk-operator"
 USER = "pool-author@example.com"
 PREFIX = "registry.example.com/kiosk/"
 IMAGE = PREFIX + "worker:1"
-#: The chart's default policy plus an image prefix, as values and as the operator's KIOSK_POLICY.
-POLICY = {**yaml.safe_load((CHART / "values.yaml").read_text())["policy"], "allowedImagePrefixes": [PREFIX]}
+#: The chart's default policy plus an image prefix, a PriorityClass and a pull Secret, as values and as
+#: the operator's KIOSK_POLICY.
+POLICY = {
+    **yaml.safe_load((CHART / "values.yaml").read_text())["policy"],
+    "allowedImagePrefixes": [PREFIX],
+    "allowedPriorityClasses": ["batch-low"],
+    "allowedImagePullSecrets": ["kiosk-pull"],
+}
 
 
 def _pool(name: str, redis_port: int = 6379, **spec: Any) -> dict[str, Any]:
@@ -128,9 +135,12 @@ SECRET_REF = {"passwordSecretRef": {"name": "redis", "key": "password"}}
         ({"redis": {"host": "evil.example.com", **SECRET_REF}}, "spec.redis.host"),
         ({"redis": {"host": "redis.kube-system.svc", **SECRET_REF}}, "spec.redis.host"),
         ({"redis": {"sentinel": {"hosts": ["evil.example.com:26379"]}, **SECRET_REF}}, "spec.redis.sentinel.hosts"),
+        ({"worker": {"priorityClassName": "system-cluster-critical"}}, "spec.worker.priorityClassName"),
+        ({"worker": {"imagePullSecrets": [{"name": "kiosk-pull"}, {"name": "team-b-registry"}]}},
+         "spec.worker.imagePullSecrets[].name: team-b-registry not"),
     ],
     ids=["image", "service-account", "value-from", "env-from", "toleration", "host-path", "privileged",
-         "root", "redis-host", "redis-other-namespace", "sentinel-host"],
+         "root", "redis-host", "redis-other-namespace", "sentinel-host", "priority-class", "pull-secret"],
 )
 def test_admission_refuses_a_violating_pool_naming_the_field(
     spec, field, admission, author, k8s_cluster, k8s_namespace
@@ -150,6 +160,8 @@ def test_admission_accepts_a_compliant_pool(admission, author, k8s_cluster, k8s_
             "securityContext": {"runAsUser": 20000},
             "volumes": [{"name": "cache", "emptyDir": {}}],
             "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+            "priorityClassName": "batch-low",
+            "imagePullSecrets": [{"name": "kiosk-pull"}],
         },
         "redis": {"host": f"redis-master.{k8s_namespace}.svc", **SECRET_REF},
     }
@@ -211,8 +223,10 @@ def test_operator_reads_no_unlabelled_secret_and_sends_none_to_a_disallowed_host
     [
         ({"worker": {"image": "docker.io/someone/miner:latest"}}, "spec.worker.image"),
         ({"worker": {"serviceAccountName": "kiosk-operator"}}, "spec.worker.serviceAccountName"),
+        ({"worker": {"priorityClassName": "system-cluster-critical"}}, "spec.worker.priorityClassName"),
+        ({"worker": {"imagePullSecrets": [{"name": "team-b-registry"}]}}, "spec.worker.imagePullSecrets[0].name"),
     ],
-    ids=["image", "service-account"],
+    ids=["image", "service-account", "priority-class", "pull-secret"],
 )
 def test_operator_refuses_a_pool_the_policy_forbids(spec, field, policed_operator, operator, api, redis_server):
     api.create_pool(_pool("bad", redis_server.port, **spec))
@@ -272,3 +286,90 @@ def test_worker_pods_are_admitted_under_restricted_pod_security(
     spec = pods[0]["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert not any(v.get("projected") for v in spec.get("volumes", [])), "no service account token volume"
+
+
+def _restart(operator: Any, monkeypatch: pytest.MonkeyPatch, admin_policy: dict[str, Any]) -> None:
+    """What ``helm upgrade`` with new ``policy:`` values does: the operator restarts with a new KIOSK_POLICY."""
+    operator.stop()
+    monkeypatch.setenv(policy.POLICY_ENV, json.dumps(admin_policy))
+    operator.start()
+
+
+def test_a_pool_refused_after_it_has_workers_is_scaled_to_zero_and_restored(
+    policed_operator, operator, api, k8s_cluster, k8s_namespace, redis_server, monkeypatch
+):
+    """Tightening the policy stops the old pods (Deployment kept at 0); lifting it brings them back."""
+    redis = {"host": "127.0.0.1", "port": redis_server.port}
+    api.create_pool(_pool("seg", redis_server.port, redis=redis, scaling={"minWorkers": 2}))
+    worker, selector = manifests.deployment_name("seg"), manifests.label_selector("seg")
+    wait_for(lambda: api.replicas(worker) == 2, T, "the allowed pool's workers")
+    wait_for(lambda: len(api.pods(selector)) == 2, T, "two worker pods")
+    theirs = _deployment("other-worker")
+    theirs["spec"]["replicas"] = 1
+    k8s_cluster.apply([theirs], namespace=k8s_namespace)
+
+    _restart(operator, monkeypatch, {**POLICY, "allowedImagePrefixes": ["registry.example.com/approved/"]})
+    wait_for(lambda: api.replicas(worker) == 0, T, "the refused pool's workers scaled to 0")
+    found = _refused(api, "seg", "spec.worker.image")
+    assert "\n" not in found["message"] and api.condition("seg", "ScalingActive")["status"] == "False"
+    events = api.wait_events("seg", "DeploymentScaledDown", timeout=T)
+    assert any("scaled from 2 to 0" in e["message"] and "spec.worker.image" in e["message"] for e in events), events
+    wait_for(lambda: not [p for p in api.pods(selector) if not p["metadata"].get("deletionTimestamp")],
+             T, "the old worker pods gone")
+    kept = api.deployment(worker)
+    assert kept is not None and policy.owned_by(kept, api.pool("seg")), "the Deployment is kept, still owned"
+    # A refused pool whose <pool>-worker is someone else's: its condition is written after the
+    # stand-down step, and that Deployment keeps its replicas.
+    api.create_pool(_pool("other", redis_server.port, redis=redis, scaling={"minWorkers": 1}))
+    _refused(api, "other", "spec.worker.image")
+    assert api.replicas("other-worker") == 1
+    assert not [e for e in api.events("other") if e["reason"] == "DeploymentScaledDown"]
+
+    _restart(operator, monkeypatch, POLICY)
+    wait_for(lambda: api.replicas(worker) == 2, T, "the workers restored once the refusal is lifted")
+    wait_for(lambda: (api.condition("seg", "Ready") or {}).get("status") == "True", T, "the pool Ready again")
+    assert api.replicas("other-worker") == 1
+
+
+@pytest.fixture
+def loopback_redis_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requested before ``operator``: the test policy, with the loopback Redis an allowed password host."""
+    monkeypatch.setenv(policy.POLICY_ENV, json.dumps({**POLICY, "allowedRedisHosts": ["127.0.0.1"]}))
+
+
+@pytest.fixture
+def password_redis() -> Iterator[RedisServer]:
+    server = RedisServer(password="s3cret").start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_a_secret_losing_its_opt_in_label_stops_the_pools_workers(
+    loopback_redis_policy, operator, api, k8s_cluster, k8s_namespace, password_redis
+):
+    """No restart needed: the label is checked every cycle (the Secret cached up to 30 s); putting it back
+    restores the workers."""
+    k8s_cluster.apply([_secret("redis-pw", True)], namespace=k8s_namespace)
+    redis = {"host": "127.0.0.1", "port": password_redis.port,
+             "passwordSecretRef": {"name": "redis-pw", "key": "password"}}
+    api.create_pool(_pool("seg", password_redis.port, redis=redis, scaling={"minWorkers": 2}))
+    worker = manifests.deployment_name("seg")
+    wait_for(lambda: api.replicas(worker) == 2, T, "the pool's workers")
+    wait_for(lambda: (api.condition("seg", "Ready") or {}).get("status") == "True", T, "the pool Ready")
+
+    def label(value: str | None) -> None:
+        k8s_cluster.request("PATCH", f"/api/v1/namespaces/{k8s_namespace}/secrets/redis-pw",
+                            {"metadata": {"labels": {policy.SECRET_LABEL: value}}},
+                            content_type="application/merge-patch+json")
+
+    label(None)
+    wait_for(lambda: api.replicas(worker) == 0, T, "the workers scaled to 0")
+    _refused(api, "seg", "spec.redis.passwordSecretRef")
+    events = api.wait_events("seg", "DeploymentScaledDown", timeout=T)
+    assert any("spec.redis.passwordSecretRef" in e["message"] for e in events), events
+    assert api.deployment(worker) is not None
+    label("true")
+    wait_for(lambda: api.replicas(worker) == 2, T, "the workers restored once the Secret opts in again")
+    wait_for(lambda: (api.condition("seg", "Ready") or {}).get("status") == "True", T, "the pool Ready again")

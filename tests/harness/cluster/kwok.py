@@ -28,6 +28,12 @@ HARNESS_KUBELET_LABEL = "kiosk.deepcell.org/kubelet"
 POD_CIDR = "10.244.0.0/16"
 NODE_IP = "10.240.0.1"
 STAGES_TEMPLATE = "kwok-stages.yaml"
+# kwok renews each node's Lease every quarter of this. The kwok binary's own default is 0 (no
+# Leases; only kwokctl passes 40): the node status heartbeat in kwok-stages.yaml is slow, so
+# without Leases the node lifecycle controller would mark every node NotReady after its grace
+# period.
+NODE_LEASE_DURATION_SECONDS = 40
+NODE_LEASE_NAMESPACE = "kube-node-lease"
 
 
 def kwok_config(job_pod_duration: float, pod_delete_delay: float = 0.0) -> str:
@@ -48,6 +54,8 @@ def kwok_config(job_pod_duration: float, pod_delete_delay: float = 0.0) -> str:
 
 
 def kwok_argv(binary: Path, kubeconfig: Path, config: Path) -> list[str]:
+    """kwok's command line: the nodes it manages, their addresses, and node Leases (which keep
+    them Ready between the slow status heartbeats)."""
     return [
         str(binary),
         f"--kubeconfig={kubeconfig}",
@@ -56,6 +64,7 @@ def kwok_argv(binary: Path, kubeconfig: Path, config: Path) -> list[str]:
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
         f"--cidr={POD_CIDR}",
         f"--node-ip={NODE_IP}",
+        f"--node-lease-duration-seconds={NODE_LEASE_DURATION_SECONDS}",
     ]
 
 
