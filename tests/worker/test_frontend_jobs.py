@@ -141,13 +141,15 @@ def assert_one_line_failure(job: dict[str, str], fragment: str) -> None:
 @pytest.fixture(scope="module")
 def kiosk_models() -> Iterator[ModelServer]:
     """The Kiosk's default models (the deep-watershed stand-in under their names and versions)."""
-    server = ModelServer(models=["NuclearSegmentation", "CytoplasmSegmentation", "PhaseCytoSegmentation"]).start()
+    server = ModelServer(models=["NuclearSegmentation", "CytoplasmSegmentation", "PhaseCytoSegmentation",
+                                 "NuclearTrackingInf", "NuclearTrackingNE"]).start()
     yield server
     server.stop()
 
 
 def predicted_since(server: ModelServer, start: int) -> list[tuple[str, int, tuple[int, ...]]]:
-    return [(name, version, shapes["image"]) for name, version, shapes in list(server.predicted)[start:]]
+    return [(name, version, shapes["image"]) for name, version, shapes in list(server.predicted)[start:]
+            if "image" in shapes]
 
 
 # --- tests ----------------------------------------------------------------------------------

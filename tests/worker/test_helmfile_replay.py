@@ -9,6 +9,7 @@ Sentinel's host), TF_HOST/TF_PORT and STORAGE_BUCKET are replaced, REDIS_PORT st
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -71,7 +72,9 @@ def console_models() -> Iterator[ModelServer]:
     """Every model the five releases name, under upstream's names and versions."""
     server = ModelServer(models=[build_model("NuclearSegmentation", versions=(75,)),
                                  build_model("MultiplexSegmentation"),
-                                 build_model("SpotDetection", versions=(7,))]).start()
+                                 build_model("SpotDetection", versions=(7,)),
+                                 build_model("NuclearTrackingInf", versions=(75,)),
+                                 build_model("NuclearTrackingNE", versions=(75,))]).start()
     yield server
     server.stop()
 
@@ -113,17 +116,29 @@ def _segmentation(client: redis.Redis, queue: str, bucket: Path) -> tuple[str, C
 
 
 def _caliban(client: redis.Redis, queue: str, bucket: Path) -> tuple[str, Check]:
-    """The caliban form sends no dimension order, channels or scale."""
-    stack, truth, _ = make_timelapse(frames=4, shape=(96, 96), n_cells=5, seed=22)
+    """The caliban form sends no dimension order, channels or scale. The movie has a division
+    (cell 3 into 6 and 7 at frame 2); the release tracks through NuclearTrackingInf:75 and
+    NuclearTrackingNE:75 with DIVISION 0.01 and MAX_DISTANCE 60 (checked by the test too)."""
+    stack, truth, truth_lineage = make_timelapse(frames=4, shape=(96, 96), n_cells=5, seed=22)
+    assert truth_lineage[3]["daughters"] == [6, 7]
     key = frontend_submit(client, queue, "movie.tif", upload(bucket, "movie.tif", stack),
                           {"dimensionOrder": "", "selectedChannels": "", "scale": ""})
 
     def check(job: dict[str, str]) -> None:
         with zipfile.ZipFile(job["output_url"]) as zf:
-            tracked = next(n for n in zf.namelist() if n.endswith(".tif"))
-            labels = tifffile.imread(zf.open(tracked))
+            assert sorted(zf.namelist()) == ["lineage.json", "movie_tracked.tif"]
+            labels = tifffile.imread(zf.open("movie_tracked.tif"))
+            lineage = json.loads(zf.read("lineage.json"))
         assert labels.shape == truth.shape
         assert all(mean_matched_iou(labels[t], truth[t]) >= 0.8 for t in range(len(truth)))
+        # One id per true cell over the movie, and the division in the lineage.
+        to_truth = {int(cid): int(np.bincount(truth[labels == int(cid)]).argmax()) for cid in lineage}
+        assert sorted(to_truth.values()) == sorted(truth_lineage), to_truth
+        divided = {to_truth[int(cid)]: sorted(to_truth[d] for d in info["daughters"])
+                   for cid, info in lineage.items() if info["daughters"]}
+        assert divided == {3: [6, 7]}, lineage
+        parent = next(int(c) for c, v in to_truth.items() if v == 3)
+        assert lineage[str(parent)]["frame_div"] == 2 and lineage[str(parent)]["capped"] is True
     return key, check
 
 
@@ -191,6 +206,9 @@ def test_release_runs_a_frontend_job_through_the_sentinel(release, console_redis
     # What the frontend polls: a done status with a result URL and no failure reason.
     assert job["output_url"] and not job.get("reason"), job
     check(job)
+    if consumer_type == "caliban":  # tracked through the release's models, as upstream
+        called = {(name, version) for name, version, _ in console_models.predicted}
+        assert {("NuclearTrackingNE", 75), ("NuclearTrackingInf", 75)} <= called, called
     # The worker found the master through the Sentinel: it registered there, and stays up.
     assert client.zscore(protocol.workers_key(env["QUEUE"]), job["updated_by"]) is not None
     assert proc.poll() is None

@@ -152,8 +152,10 @@ def test_tracking_consumer_takes_its_caps_from_settings() -> None:
     consumer.settings = settings
     caps = consumer.params
     assert (caps.max_cells, caps.max_frames) == (3, 2)
+    from kiosk_worker import tracking_caliban
+
     with pytest.raises(tracking.TrackingTooLarge, match=r"MAX_CELLS_PER_FRAME \(3\)"):
-        tracking.track(np.stack([_grid(2, 16)]), caps)
+        tracking_caliban.check_caps(np.stack([_grid(2, 16)]), caps.max_frames, caps.max_cells)
 
 
 # --- attempts (START script, real redis-server) ------------------------------------------------

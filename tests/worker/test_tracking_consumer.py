@@ -1,11 +1,13 @@
 """Tracking jobs end to end: time-lapse TIFF -> model server (gRPC) per frame -> deep
-watershed -> tracking -> zip with the tracked stack and lineage.json, checked against
-the synthetic ground truth (ids consistent over frames, divisions found)."""
+watershed -> the Kiosk's model-driven tracking (neighborhood encoder and tracking inference
+model over gRPC, upstream's assignment) -> zip with the tracked stack and lineage.json, checked
+against the synthetic ground truth (ids consistent over frames, divisions found)."""
 
 from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import tifffile
 
 import kiosk_protocol as protocol
 from harness.redis_server import RedisServer
+from kiosk_model_server.models import build_model
 from kiosk_model_server.server import ModelServer
 from kiosk_model_server.synthetic import make_timelapse
 from kiosk_protocol.settings import load_settings
@@ -23,6 +26,20 @@ from kiosk_worker.errors import BadImage
 from kiosk_worker.runner import Runner
 
 QUEUE = "track"
+
+
+def tracking_server(tile: int | None = None) -> ModelServer:
+    """The segmentation stand-in (as 'segmentation') and both tracking models under the Kiosk's
+    default names and versions (NuclearTrackingInf:6, NuclearTrackingNE:6)."""
+    return ModelServer(models=[build_model("segmentation", versions=(1,), tile=tile),
+                               build_model("NuclearTrackingInf"), build_model("NuclearTrackingNE")]).start()
+
+
+@pytest.fixture(scope="module")
+def tracking_models() -> Iterator[ModelServer]:
+    server = tracking_server()
+    yield server
+    server.stop()
 
 
 def run_worker(redis_server: RedisServer, server: ModelServer, bucket: Path, consumer: str = "tracking",
@@ -83,12 +100,13 @@ def score(labels: np.ndarray, lineage: dict[str, dict], truth: np.ndarray,
 
 @pytest.mark.parametrize(("seed", "consumer"), [(0, "tracking"), (3, "caliban")])
 def test_timelapse_tracked_against_ground_truth(redis_server: RedisServer, redis_client: redis.Redis,
-                                                model_server: ModelServer, bucket: Path,
+                                                tracking_models: ModelServer, bucket: Path,
                                                 seed: int, consumer: str) -> None:
     stack, truth, truth_lineage = make_timelapse(frames=10, shape=(96, 96), n_cells=8, seed=seed)
     assert any(info["daughters"] for info in truth_lineage.values())
     key = submit_movie(redis_client, bucket, "movie.tif", stack)
-    runner = run_worker(redis_server, model_server, bucket, consumer)
+    start = len(tracking_models.predicted)
+    runner = run_worker(redis_server, tracking_models, bucket, consumer)
     job = redis_client.hgetall(key)
     assert job["status"] == "done", job.get("reason")
     assert runner.stats.jobs_done == 1
@@ -105,6 +123,15 @@ def test_timelapse_tracked_against_ground_truth(redis_server: RedisServer, redis
         for d in info["daughters"]:
             assert lineage[str(d)]["parent"] == int(cid)
         assert isinstance(info["capped"], bool)
+    # Both tracking models were called, with upstream's tensors.
+    called = {(name, version): set(shapes) for name, version, shapes in list(tracking_models.predicted)[start:]}
+    assert called[("NuclearTrackingNE", 6)] == {"encoder_app_input", "encoder_morph_input",
+                                                "encoder_centroid_input", "encoder_adj_input"}
+    assert called[("NuclearTrackingInf", 6)] == {"current_embeddings", "current_centroids",
+                                                 "future_embeddings", "future_centroids"}
+    for info in lineage.values():
+        assert info["capped"] == bool(info["daughters"])  # upstream caps a track when it divides
+        assert sorted(info) == ["capped", "daughters", "frame_div", "frames", "label", "parent"]
     s = score(labels, lineage, truth, truth_lineage)
     print("tracking accuracy", seed, s)
     assert s["truth_consistent"] >= 0.95, s
@@ -114,7 +141,7 @@ def test_timelapse_tracked_against_ground_truth(redis_server: RedisServer, redis
 
 
 def test_tracking_bad_inputs_fail_with_one_line(redis_server: RedisServer, redis_client: redis.Redis,
-                                               model_server: ModelServer, bucket: Path) -> None:
+                                               tracking_models: ModelServer, bucket: Path) -> None:
     five_d = submit_movie(redis_client, bucket, "five.tif", np.zeros((2, 2, 2, 8, 8), np.float32))
     (bucket / "junk.tif").write_bytes(b"not a tiff at all")
     junk = protocol.submit_job(redis_client, QUEUE, "junk.tif", "segmentation", "1")
@@ -123,7 +150,7 @@ def test_tracking_bad_inputs_fail_with_one_line(redis_server: RedisServer, redis
     missing = protocol.submit_job(redis_client, QUEUE, "nowhere.tif", "segmentation", "1")
     ok_stack, _, _ = make_timelapse(frames=3, shape=(48, 48), n_cells=3, seed=1)
     ok = submit_movie(redis_client, bucket, "ok.tif", ok_stack)
-    run_worker(redis_server, model_server, bucket)
+    run_worker(redis_server, tracking_models, bucket)
     for key, word in [(five_d, "dimensions"), (junk, "junk.tif"), (order, "dimension_order"),
                       (missing, "nowhere.tif")]:
         job = redis_client.hgetall(key)
@@ -143,12 +170,15 @@ def test_movie_order() -> None:
 
 
 def test_tracking_through_a_fixed_size_model_tiles_every_frame(
-        redis_server: RedisServer, redis_client: redis.Redis, tiled_model_server: ModelServer,
-        bucket: Path) -> None:
+        redis_server: RedisServer, redis_client: redis.Redis, bucket: Path) -> None:
     """A 64x64-input model: each 96x96 frame is tiled and stitched, batches of 4 tiles."""
     stack, truth, truth_lineage = make_timelapse(frames=6, shape=(96, 96), n_cells=8, seed=5)
     key = submit_movie(redis_client, bucket, "tiled.tif", stack)
-    run_worker(redis_server, tiled_model_server, bucket, TF_MAX_BATCH_SIZE="4")
+    server = tracking_server(tile=64)
+    try:
+        run_worker(redis_server, server, bucket, TF_MAX_BATCH_SIZE="4")
+    finally:
+        server.stop()
     job = redis_client.hgetall(key)
     assert job["status"] == "done", job.get("reason")
     labels, lineage = read_result(job)
@@ -156,12 +186,32 @@ def test_tracking_through_a_fixed_size_model_tiles_every_frame(
     assert s["truth_consistent"] >= 0.95 and s["ids_pure"] >= 0.95, s
 
 
-def test_track_max_gap_setting_reaches_the_tracker() -> None:
-    from kiosk_protocol.settings import load_settings
+def test_tracker_settings_reach_the_tracker() -> None:
+    """MAX_DISTANCE, APPEARANCE_DIM, BIRTH, DEATH, DIVISION, TRACK_LENGTH, CROP_MODE, CALIBAN_NORM
+    and the caps, with upstream's defaults (kiosk-redis-consumer settings.py at a183af9)."""
     from kiosk_worker.consumers.tracking import TrackingConsumer
 
     consumer = TrackingConsumer.__new__(TrackingConsumer)
-    consumer.settings = load_settings({"TRACK_MAX_GAP": "0"})
-    assert consumer.params.max_gap == 0
     consumer.settings = load_settings({})
-    assert consumer.params.max_gap == 2
+    p = consumer.params
+    assert (p.distance_threshold, p.appearance_dim, p.birth, p.death, p.division, p.track_length,
+            p.crop_mode, p.norm) == (50, 32, 0.99, 0.99, 0.9, 8, "resize", True)
+    consumer.settings = load_settings({"MAX_DISTANCE": "60", "DIVISION": "0.01", "TRACK_LENGTH": "5",
+                                       "APPEARANCE_DIM": "16", "CROP_MODE": "fixed", "MAX_IMAGE_FRAMES": "7",
+                                       "MAX_CELLS_PER_FRAME": "9", "BIRTH": "0.5", "DEATH": "0.6"})
+    p = consumer.params
+    assert (p.distance_threshold, p.appearance_dim, p.birth, p.death, p.division, p.track_length,
+            p.crop_mode, p.max_frames, p.max_cells) == (60, 16, 0.5, 0.6, 0.01, 5, "fixed", 7, 9)
+
+
+def test_missing_tracking_model_fails_the_job_with_one_line(
+        redis_server: RedisServer, redis_client: redis.Redis, model_server: ModelServer, bucket: Path) -> None:
+    """Upstream has no tracker without its models: a server without NuclearTrackingNE fails the
+    job, naming the model and the setting that chose it."""
+    stack, _, _ = make_timelapse(frames=3, shape=(48, 48), n_cells=3, seed=1)
+    key = submit_movie(redis_client, bucket, "movie.tif", stack)
+    run_worker(redis_server, model_server, bucket)
+    job = redis_client.hgetall(key)
+    assert job["status"] == "failed", job
+    assert "NuclearTrackingNE" in job["reason"] and "NEIGHBORHOOD_ENCODER" in job["reason"], job["reason"]
+    assert "\n" not in job["reason"]

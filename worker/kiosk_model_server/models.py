@@ -260,6 +260,8 @@ KIOSK_MODELS: dict[str, tuple[str, int]] = {
     "PhaseCytoSegmentation": ("segmentation", 0),
     "MultiplexSegmentation": ("mesmer-panoptic", 9),
     "SpotDetection": ("spot", 3),
+    "NuclearTrackingInf": ("tracking-inference", 6),
+    "NuclearTrackingNE": ("tracking-encoder", 6),
 }
 
 
@@ -283,10 +285,14 @@ def build_model(kind: str, name: str | None = None, versions: tuple[int, ...] = 
         from kiosk_model_server.spot_model import SpotModel
 
         return SpotModel(name, versions, tile=tile)
+    if kind in ("tracking-inference", "tracking-encoder"):  # deepcell-tf's GNNTrackingModel (tracking_model.py)
+        from kiosk_model_server.tracking_model import NeighborhoodEncoderModel, TrackingInferenceModel
+
+        return (TrackingInferenceModel if kind == "tracking-inference" else NeighborhoodEncoderModel)(name, versions)
     if kind == "null":
         return NullModel(name, versions, channels=channels or 1, tile=tile)
     if kind == "identity":
         return IdentityModel(name, versions)
     raise ValueError(f"unknown model kind '{kind}' (segmentation, mesmer, mesmer-panoptic, spot, "
-                     "null, identity, "
+                     "tracking-inference, tracking-encoder, null, identity, "
                      f"{', '.join(KIOSK_MODELS)})")

@@ -2,10 +2,16 @@
 
 A time-lapse stack (T, H, W[, C]) is segmented frame by frame with the same
 steps as the segmentation consumer (model signature check, tiling, Predict in
-batches, deep watershed), then ``kiosk_worker.tracking`` links the cells
-across frames. The result zip holds ``{stem}_tracked.tif`` (the T x H x W
-label stack, one id per cell over time) and ``lineage.json``
-(id -> frames, parent, daughters, frame_div, capped).
+batches, deep watershed), then tracked as the Kiosk's caliban consumer tracks
+(``kiosk_worker.tracking_caliban``): per-cell features through the
+NEIGHBORHOOD_ENCODER model, frame-to-frame link scores from the TRACKING_MODEL
+(CALIBAN_MODEL) inference model, both over gRPC, and upstream's assignment with
+births, deaths and divisions (MAX_DISTANCE, APPEARANCE_DIM, BIRTH, DEATH, DIVISION,
+TRACK_LENGTH, CROP_MODE, CALIBAN_NORM). Upstream has no tracker without the models and
+neither does this consumer: a missing tracking model fails the job with a one-line reason
+(the overlap tracker of ``kiosk_worker.tracking`` stays a library). The result zip holds
+``{stem}_tracked.tif`` (the T x H x W label stack, one id per cell over time) and
+``lineage.json`` (id -> label, frames, daughters, capped, frame_div, parent; capped = divided).
 
 The segmentation model is chosen as for segmentation jobs (``model_choice``): the job's
 ``model_name``, else NUCLEAR_MODEL on channel 0 (the Kiosk's tracking consumer segments
@@ -21,12 +27,18 @@ import os
 import numpy as np
 
 import kiosk_protocol as protocol
-from kiosk_worker import imaging, results, tracking
+from kiosk_worker import imaging, model_choice, results, tracking, tracking_caliban
 from kiosk_worker.consumers.segmentation import SegmentationConsumer
-from kiosk_worker.errors import BadImage, JobError
-from kiosk_worker.model_choice import Step
+from kiosk_worker.errors import BadImage, JobError, ModelMismatch
+from kiosk_worker.model_choice import ModelRef, Step
 
-__all__ = ["TrackingConsumer", "movie_order"]
+__all__ = ["EMBEDDING_AXIS", "TrackingConsumer", "movie_order"]
+
+#: The encoder's output the Kiosk reads: the second by name (its consumer passes
+#: embedding_axis=1 to deepcell's CellTracking over its gRPC model wrapper).
+EMBEDDING_AXIS = 1
+ENCODER_INPUTS = ("encoder_app_input", "encoder_morph_input", "encoder_centroid_input", "encoder_adj_input")
+INFERENCE_INPUTS = ("current_embeddings", "current_centroids", "future_embeddings", "future_centroids")
 
 
 def movie_order(ndim: int, shape: tuple[int, ...], dimension_order: str = "") -> str:
@@ -45,14 +57,22 @@ def movie_order(ndim: int, shape: tuple[int, ...], dimension_order: str = "") ->
 class TrackingConsumer(SegmentationConsumer):
     """Segment every frame through the model, then track; one zip with labels + lineage."""
 
+    #: the job's movie as loaded (T, H, W, C) and the channel its frames were segmented from
+    _movie: np.ndarray | None = None
+    _channel: int = 0
+
     @property
-    def params(self) -> tracking.TrackingParams:
-        return tracking.TrackingParams(max_gap=self.settings.track_max_gap, max_frames=self.settings.max_image_frames,
-                                       max_cells=self.settings.max_cells_per_frame)
+    def params(self) -> tracking_caliban.CalibanParams:
+        """The tracker's settings and the job caps, from the worker's settings."""
+        return tracking_caliban.CalibanParams.from_settings(self.settings)
 
     def _consume(self, redis_hash: str) -> str:
+        self._movie = None
+        self._channel = 0
         labels, stem = self.segment(redis_hash)  # every frame through the model
-        result = tracking.track(labels, self.params)
+        if self._movie is None:
+            raise JobError("the movie was not loaded")
+        result = self.track(self._movie[..., self._channel], labels)
 
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
         paths = self.save(result, stem)
@@ -76,7 +96,8 @@ class TrackingConsumer(SegmentationConsumer):
         raw = imaging.load_image(local_path, self.settings.max_image_height,
                                  self.settings.max_image_width, order,
                                  max_decoded_bytes=self.settings.max_decoded_bytes)
-        return imaging.to_nhwc(raw, order)
+        self._movie = imaging.to_nhwc(raw, order)
+        return self._movie
 
     def plan(self, job: dict[str, str], image: np.ndarray) -> list[Step]:
         """One segmentation model (the tracker follows one label image per frame)."""
@@ -84,7 +105,54 @@ class TrackingConsumer(SegmentationConsumer):
         if len(steps) > 1:
             raise JobError(f"channels '{job.get('channels', '')}' names {len(steps)} channels to "
                            "segment; tracking follows one: name one channel")
+        self._channel = (steps[0].channel or 0) if steps else 0
         return steps
+
+    def track(self, movie: np.ndarray, labels: np.ndarray) -> tracking.TrackingResult:
+        """Track (T, H, W) labels of a (T, H, W) movie through the two tracking models."""
+        encoder_ref = ModelRef.parse(self.settings.neighborhood_encoder, "NEIGHBORHOOD_ENCODER")
+        inference_ref = model_choice.tracking_model(self.settings)
+        encoder_sig = self.model_inputs(encoder_ref, ENCODER_INPUTS)
+        inference_sig = self.model_inputs(inference_ref, INFERENCE_INPUTS)
+
+        def encoder(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            out = self.call_model(encoder_ref, encoder_sig, inputs)
+            if len(out) <= EMBEDDING_AXIS:
+                raise ModelMismatch(f"model '{encoder_ref}' returned outputs {sorted(out)}; the "
+                                    "neighborhood encoder returns embeddings and centroids")
+            return out[sorted(out)[EMBEDDING_AXIS]]
+
+        def inference(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            out = self.call_model(inference_ref, inference_sig, inputs)
+            return out[sorted(out)[0]]
+
+        try:
+            return tracking_caliban.track_with_models(movie, labels, encoder, inference, self.params)
+        except tracking.TrackingTooLarge as err:
+            raise JobError(str(err)) from None
+
+    def model_inputs(self, ref: ModelRef, names: tuple[str, ...]) -> dict[str, dict]:
+        """The model's input signature, checked to hold the tensors the tracker sends."""
+        from kiosk_worker.tfs.client import ModelNotFound
+
+        try:
+            inputs = self.get_model_metadata(ref.name, ref.version)
+        except ModelNotFound as err:
+            raise JobError(f"{err} (tracking needs it: {ref.source})") from None
+        missing = sorted(set(names) - set(inputs))
+        if missing:
+            raise ModelMismatch(f"model '{ref}' ({ref.source}) has inputs {sorted(inputs)}; the "
+                                f"tracker sends {list(names)}")
+        return inputs
+
+    def call_model(self, ref: ModelRef, signature: dict[str, dict], inputs: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+        """One Predict with several named inputs, each cast to its signature dtype."""
+        from kiosk_worker.tfs.tensor import dtype_from_name, from_tf_dtype
+
+        cast = {k: np.ascontiguousarray(v, dtype=np.dtype(from_tf_dtype(dtype_from_name(signature[k]["dtype"]))))
+                for k, v in inputs.items()}
+        return self.tf_client.predict(ref.name, self.parse_model_version(ref.version), cast)
 
     def save(self, result: tracking.TrackingResult, stem: str) -> list[str]:
         import tifffile
