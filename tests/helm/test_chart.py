@@ -6,8 +6,9 @@ ServiceAccount token and the Deployment's own arguments, which also proves the c
 is enough for the operator. Tests that own the cluster-wide ConsumerPool CRD (crds.install)
 start a control plane of their own, so the session's CRD is never touched.
 
-`helm template` is given --kube-version: a helm built with `go install` (tools/cluster/build.sh)
-assumes Kubernetes v1.20 without a cluster, below the chart's kubeVersion (>= 1.25).
+`helm template` is given --kube-version to render for the API server the tests run. Without it
+helm assumes the Kubernetes version it was built for; tools/cluster/build.sh sets that as helm's
+release build does (a plain `go install` leaves helm's fallback, v1.20, below our kubeVersion).
 """
 
 from __future__ import annotations
@@ -951,3 +952,35 @@ def test_cluster_wide_admission_refuses_system_namespaces_and_its_own(tmp_path: 
     assert "matchResources" not in binding["spec"]  # every namespace
     namespaced = by_kind(render(tmp_path, namespace="kiosk"))["ValidatingAdmissionPolicy"][0]
     assert "'kiosk'" not in namespaced["spec"]["validations"][0]["expression"]
+
+
+def test_priority_classes_and_pull_secrets_reach_both_enforcement_points(tmp_path: Path) -> None:
+    """Refused by default in CEL; listed names appear in CEL and KIOSK_POLICY; "*" drops the rule."""
+    from kiosk_operator import policy
+
+    def rules(values: dict[str, Any]) -> tuple[str, policy.Policy]:
+        docs = render(tmp_path, values, namespace="team-a")
+        env = {e["name"]: e.get("value") for e in operator_container(docs)["env"]}
+        (vap,) = by_kind(docs)["ValidatingAdmissionPolicy"]
+        text = " ".join(v["expression"] for v in vap["spec"]["validations"])
+        return text, policy.load_policy({policy.POLICY_ENV: env[policy.POLICY_ENV]})
+
+    default, pol = rules({})
+    assert "priorityClassName in ['']" in default and "s.name in []" in default
+    assert pol.allowed_priority_classes == () and pol.allowed_image_pull_secrets == ()
+    listed, pol = rules({"policy": {"allowedPriorityClasses": ["batch-low"], "allowedImagePullSecrets": ["regcred"]}})
+    assert "priorityClassName in ['','batch-low']" in listed and "s.name in ['regcred']" in listed
+    assert pol.allowed_priority_classes == ("batch-low",) and pol.allowed_image_pull_secrets == ("regcred",)
+    anything, _ = rules({"policy": {"allowedPriorityClasses": ["*"], "allowedImagePullSecrets": ["*"]}})
+    assert "priorityClassName" not in anything and "imagePullSecrets" not in anything
+    stderr = template_fails("--set", "policy.allowedPriorityClasses=high")
+    assert "/policy/allowedPriorityClasses': got string, want array" in stderr, stderr
+
+
+def test_chart_renders_without_kube_version() -> None:
+    """What a user types first: `helm template` / `helm lint` with no --kube-version and no cluster."""
+    rendered = helm("template", "kiosk", str(CHART), check=False)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "kind: Deployment" in rendered.stdout
+    lint = helm("lint", "--strict", str(CHART), check=False)
+    assert lint.returncode == 0, lint.stdout + lint.stderr

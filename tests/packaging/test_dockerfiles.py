@@ -1,11 +1,12 @@
 """Dockerfiles without a Docker engine: hadolint, structure, and each image's venv rebuilt for real.
 
-The image installs the pinned ``.[worker]`` / ``.[operator]`` extra into a venv. Here we
-(1) resolve that extra against the package index exactly as the image build would
-(``pip install --dry-run``), and (2) build a fresh venv holding only the distributions of
-that extra (linked from the project venv) plus the project, then run the image's
-ENTRYPOINT command and import every module of the image's packages in it. Anything
-outside the extra (TensorFlow, kopf in the worker, ...) is simply not importable there.
+The image installs the ``.[worker,gcs,s3]`` / ``.[operator]`` extras into a venv from the lock
+(requirements/lock.txt, hash-checked). Here we (1) resolve those extras against the package
+index exactly as the image build would (``pip install --dry-run --require-hashes -c lock``),
+and (2) build a fresh venv holding only the distributions of those extras (linked from the
+project venv) plus the project, then run the image's ENTRYPOINT command and import every
+module of the image's packages in it. Anything outside the extras (TensorFlow, kopf in the
+worker, ...) is simply not importable there. tests/packaging/test_images.py builds them for real.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ HADOLINT = Path(sys.executable).parent / "hadolint"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 
+LOCK = ROOT / "requirements" / "lock.txt"
 IMAGES = {
-    # dockerfile: (extra, entrypoint, other scripts shipped, packages imported wholesale, forbidden dists)
-    "Dockerfile.worker": ("worker", "kiosk-worker", ["kiosk-model-server"],
+    # dockerfile: (extras, entrypoint, other scripts shipped, packages imported wholesale, forbidden dists)
+    "Dockerfile.worker": ("worker,gcs,s3", "kiosk-worker", ["kiosk-model-server"],
                           ["kiosk_worker", "kiosk_model_server", "kiosk_protocol", "kiosk_storage"],
                           {"tensorflow", "tensorflow-cpu", "keras", "kopf"}),
     "Dockerfile.operator": ("operator", "kiosk-operator", [], ["kiosk_operator", "kiosk_protocol"],
@@ -82,7 +84,11 @@ def test_dockerfile_structure(dockerfile: str) -> None:
         pinned = re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image)
         assert pinned, f"base not a pinned slim python: {image}"
     build_runs = " ".join(args for word, args in ins if word == "RUN")
-    assert f'"./[{extra}]"' in build_runs, f"the build stage must install the pinned .[{extra}] extra"
+    args = dict(a.split("=", 1) for word, a in ins if word == "ARG" and "=" in a)
+    installs = re.findall(r"\[([^\]]+)\]", build_runs)
+    assert [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], i) for i in installs] == [extra], \
+        f"the build stage must install the .[{extra}] extras"
+    assert re.search(r"--require-hashes\s+-c requirements/lock.txt", build_runs), "install from the lock (hashes)"
     assert re.search(r"pip==\d+(\.\d+)+", build_runs) and re.search(r"setuptools==\d+(\.\d+)+", build_runs)
 
     final = final_stage(ROOT / dockerfile)
@@ -104,7 +110,8 @@ def test_dockerignore_keeps_context_small() -> None:
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "**", "deny everything first, then allow what the images need"
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "common", "worker", "operator", "cli"}
+    assert allowed == {"pyproject.toml", "README.md", "LICENSE", "requirements/lock.txt", "common", "worker",
+                       "operator", "cli"}
     for dockerfile in IMAGES:
         for word, args in instructions(ROOT / dockerfile):
             if word == "COPY" and not args.startswith("--from"):
@@ -117,10 +124,10 @@ def test_dockerignore_keeps_context_small() -> None:
 
 
 def extra_closure(extra: str) -> dict[str, metadata.Distribution]:
-    """Every distribution `pip install .[extra]` brings in, read from the project venv's metadata."""
+    """Every distribution `pip install .[extra]` brings in (extra: comma-separated), from venv metadata."""
     project = metadata.distribution("kiosk-operator")
     found: dict[str, metadata.Distribution] = {}
-    todo = [(Requirement(r), {extra}) for r in project.requires or []]
+    todo = [(Requirement(r), set(extra.split(","))) for r in project.requires or []]
     while todo:
         req, extras = todo.pop()
         env = default_environment()
@@ -190,7 +197,7 @@ def image_venvs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A fresh venv per image with only its extra's distributions and the project on sys.path."""
     venvs = {}
     for dockerfile, (extra, *_rest) in IMAGES.items():
-        venv = tmp_path_factory.mktemp(f"venv-{extra}")
+        venv = tmp_path_factory.mktemp(f"venv-{extra.replace(',', '-')}")
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
         (site,) = venv.glob("lib/python3.*/site-packages")
         link_distributions(extra_closure(extra), site)
@@ -221,23 +228,38 @@ def test_image_entrypoint_starts_with_only_its_extra(dockerfile: str, image_venv
     assert "tensorflow" not in top_level and "keras" not in top_level
 
 
+@pytest.fixture(scope="module")
+def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """This checkout as a wheel and its pip hash (how the image build names it to pip)."""
+    dist = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(dist), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = dist.glob("*.whl")
+    hashed = subprocess.run([sys.executable, "-m", "pip", "hash", str(wheel)], check=True, capture_output=True,
+                            text=True, timeout=60).stdout.split()[-1]
+    return wheel, hashed
+
+
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
-def test_pinned_extra_resolves_like_the_image_build(dockerfile: str, tmp_path: Path) -> None:
-    """What `pip install ./[extra]` in the build stage would install: pins hold, no TensorFlow."""
+def test_locked_extras_resolve_like_the_image_build(dockerfile: str, project_wheel, tmp_path: Path) -> None:
+    """What the build stage's hash-checked install would take: the lock's versions, no TensorFlow."""
     extra, _, _, _, forbidden = IMAGES[dockerfile]
+    wheel, hashed = project_wheel
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"{wheel}[{extra}] {hashed}\n")
     report = tmp_path / "report.json"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--report", str(report), f"{ROOT}[{extra}]"],
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--prefer-binary",
+         "--require-hashes", "-c", str(LOCK), "-r", str(requirements), "--report", str(report)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
                 for item in json.loads(report.read_text())["install"]}
     assert not set(resolved) & forbidden
-    pins = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
-    pins += [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"][extra]]
-    for pin in pins:
-        (spec,) = pin.specifier
-        assert spec.operator == "==", f"{pin} is not pinned"
-        assert resolved[canonicalize_name(pin.name)] == spec.version
+    pins = {canonicalize_name(m.group(1)): m.group(2)
+            for m in re.finditer(r"^([A-Za-z0-9._-]+)==(\S+)", LOCK.read_text(), re.M)}
+    for name, version in resolved.items():
+        if name != "kiosk-operator":
+            assert pins.get(name) == version, f"{name} {version} resolved, lock pins {pins.get(name)}"
+    assert set(extra_closure(extra)) <= set(resolved)

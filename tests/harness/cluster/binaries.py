@@ -21,7 +21,8 @@ BUILD_SCRIPT = REPO_ROOT / "tools" / "cluster" / "build.sh"
 
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 CLUSTER_BINARIES = ("etcd",) + K8S_BINARIES + ("kwok",)
-ALL_BINARIES = CLUSTER_BINARIES + ("helm",)
+NODE_BINARIES = ("kubelet", "kube-proxy")  # the real node (harness.cluster.realnode)
+ALL_BINARIES = CLUSTER_BINARIES + NODE_BINARIES + ("helm",)
 
 
 def cache_dir() -> Path:

@@ -164,11 +164,25 @@ def etcd_argv(binary: Path, workdir: Path, ports: Mapping[str, int]) -> tuple[li
 
 
 def apiserver_argv(binary: Path, pki: Path, etcd_url: str, ports: Mapping[str, int],
-                   extra: Sequence[str] = ()) -> list[str]:
+                   extra: Sequence[str] = (), *, host_ip: str | None = None) -> list[str]:
+    """With ``host_ip`` (a real node is or may be attached) the API server also listens where the
+    node reaches the host, advertises that address as the ``kubernetes`` Service's endpoint, and
+    can call kubelets (logs, exec)."""
+    if host_ip:
+        network = [
+            "--bind-address=0.0.0.0", f"--advertise-address={host_ip}", "--endpoint-reconciler-type=lease",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+    else:
+        network = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                   "--endpoint-reconciler-type=none"]  # 127.0.0.1 is not a valid Endpoints address
     return [
         str(binary),
         f"--etcd-servers={etcd_url}",
-        "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+        *network, f"--secure-port={ports['apiserver']}",
         f"--cert-dir={pki}",
         f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
         f"--client-ca-file={pki / 'ca.crt'}",
@@ -179,15 +193,16 @@ def apiserver_argv(binary: Path, pki: Path, etcd_url: str, ports: Mapping[str, i
         f"--service-account-signing-key-file={pki / 'sa.key'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
-        "--endpoint-reconciler-type=none",  # 127.0.0.1 is not a valid Endpoints address
         "--profiling=false",
         *extra,
     ]
 
 
-def controller_manager_argv(binary: Path, kubeconfig: Path, pki: Path, ports: Mapping[str, int]) -> list[str]:
+def controller_manager_argv(binary: Path, kubeconfig: Path, pki: Path, ports: Mapping[str, int],
+                            extra: Sequence[str] = ()) -> list[str]:
     """All controllers, so Deployments get ReplicaSets and pods, Jobs complete, and deleting an
-    owner garbage-collects its children."""
+    owner garbage-collects its children. ``extra`` (e.g. ``--horizontal-pod-autoscaler-sync-period``)
+    comes last, so it overrides."""
     return [
         str(binary),
         f"--kubeconfig={kubeconfig}",
@@ -202,6 +217,7 @@ def controller_manager_argv(binary: Path, kubeconfig: Path, pki: Path, ports: Ma
         "--leader-elect=false",
         "--profiling=false",
         "--kube-api-qps=200", "--kube-api-burst=400",  # default 20/30 throttles startup
+        *extra,
     ]
 
 

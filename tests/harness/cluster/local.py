@@ -25,6 +25,8 @@ from . import kwok, pki
 from .api import KubeApi
 from .binaries import CLUSTER_BINARIES, binary_path, ensure_binaries, state_file
 from .errors import ApiError, ClusterError, ClusterStartError
+from .netns import HOST_IP
+from .realnode import RealNode
 
 
 class LocalCluster:
@@ -49,7 +51,13 @@ class LocalCluster:
         detached: bool = False,
         start_timeout: float = 120.0,
         extra_apiserver_args: Sequence[str] = (),
+        extra_controller_manager_args: Sequence[str] = (),
+        real_node: bool = False,
+        real_node_capable: bool | None = None,
     ):
+        """``real_node``: also start a real kubelet + containerd node (harness.cluster.realnode)
+        after the control plane. ``real_node_capable`` (default: ``real_node``): start the API server
+        so that one can be attached later with start_real_node()."""
         self.initial_nodes = nodes
         self.job_pod_duration = job_pod_duration
         self.pod_delete_delay = pod_delete_delay
@@ -59,6 +67,10 @@ class LocalCluster:
         self.detached = detached
         self.start_timeout = start_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
+        self.extra_controller_manager_args = list(extra_controller_manager_args)
+        self.real_node_wanted = real_node
+        self.real_node_capable = real_node if real_node_capable is None else real_node_capable or real_node
+        self.real_node: RealNode | None = None
         self.workdir: Path | None = None
         self.kubeconfig: Path | None = None
         self.server: str | None = None
@@ -168,12 +180,41 @@ class LocalCluster:
                     if "address already in use" not in str(exc) or attempt == 2:
                         raise
                     self._stop_processes()
+            if self.real_node_wanted:
+                self.start_real_node()
         except BaseException:
+            self._stop_real_node()
             self._stop_processes()
             self.keep_workdir = True  # keep logs for the post-mortem
             raise
         self.timings["total"] = time.monotonic() - t0
         return self
+
+    def start_real_node(self) -> RealNode:
+        """Attach the real node (idempotent); the API server must be real_node_capable."""
+        if self.real_node is not None:
+            return self.real_node
+        if not self.real_node_capable:
+            raise ClusterError("this cluster's API server was not started for a real node "
+                               "(LocalCluster(real_node=True) or real_node_capable=True)")
+        t0 = time.monotonic()
+        self.real_node = RealNode(detached=self.detached).start(self)
+        self.timings["real_node"] = time.monotonic() - t0
+        return self.real_node
+
+    def stop_real_node(self) -> None:
+        """Stop the real node (if any) and delete its Node object; the machine is left as it was."""
+        self._stop_real_node()
+
+    def _stop_real_node(self) -> None:
+        if self.real_node is not None:
+            node, self.real_node = self.real_node, None
+            node.stop(delete_node=self if self.procs else None)
+
+    @property
+    def owned(self) -> bool:
+        """Whether stop() stops the processes (False when attached to someone's detached cluster)."""
+        return self._owned
 
     def _write_config(self) -> None:
         """PKI, the admin kubeconfig, the components' kubeconfigs and kwok's Stages."""
@@ -206,12 +247,14 @@ class LocalCluster:
         self.timings["etcd"] = time.monotonic() - t0
 
         api = self._spawn("kube-apiserver", cp.apiserver_argv(
-            bins["kube-apiserver"], self.pki, etcd_url, self.ports, self.extra_apiserver_args))
+            bins["kube-apiserver"], self.pki, etcd_url, self.ports, self.extra_apiserver_args,
+            host_ip=HOST_IP if self.real_node_capable else None))
         self._wait_ready(api, f"{self.server}/readyz", self._apiserver_ready)
         self.timings["apiserver"] = time.monotonic() - t0
 
         kcm = self._spawn("kube-controller-manager", cp.controller_manager_argv(
-            bins["kube-controller-manager"], wd / "controller-manager.kubeconfig", self.pki, self.ports))
+            bins["kube-controller-manager"], wd / "controller-manager.kubeconfig", self.pki, self.ports,
+            self.extra_controller_manager_args))
         sched = self._spawn("kube-scheduler", cp.scheduler_argv(
             bins["kube-scheduler"], wd / "scheduler.kubeconfig", self.ports))
         kwok_proc = self._spawn("kwok", kwok.kwok_argv(bins["kwok"], wd / "kwok.kubeconfig", wd / "kwok.yaml"),
@@ -241,6 +284,7 @@ class LocalCluster:
         """Stop all processes (kwok first, etcd last) and remove the workdir unless kept."""
         if not self._owned:
             return
+        self._stop_real_node()
         self._stop_processes()
         if self.workdir and not self.keep_workdir and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -393,6 +437,8 @@ class LocalCluster:
             "exes": {p.name: p.argv[0] for p in self.procs},
             "logs": {p.name: str(p.log) for p in self.procs},
             "started": time.time(),
+            "real_node_capable": self.real_node_capable,
+            "real_node": self.real_node.state() if self.real_node else None,
         }
 
     @classmethod
@@ -409,7 +455,11 @@ class LocalCluster:
         c._node_seq = int(state.get("node_seq", 0))
         c.procs = [cp.Proc(n, [state["exes"][n]], Path(state["logs"][n]), None, pid)
                    for n, pid in state["pids"].items()]
+        c.real_node_capable = bool(state.get("real_node_capable"))
+        if state.get("real_node"):
+            c.real_node = RealNode.from_state(state["real_node"])
         return c
 
     def alive(self) -> bool:
-        return bool(self.procs) and all(p.alive() for p in self.procs)
+        node_ok = self.real_node is None or self.real_node.alive()
+        return bool(self.procs) and all(p.alive() for p in self.procs) and node_ok

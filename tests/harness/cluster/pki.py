@@ -20,6 +20,7 @@ _EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 _APISERVER_SANS = ",".join([
     "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
     "DNS:kubernetes.default.svc.cluster.local", "IP:127.0.0.1", "IP:10.96.0.1",
+    "IP:10.250.0.1",  # the host's address as seen from the real node (harness.cluster.netns.HOST_IP)
 ])
 # name -> (subject, extended key usage, subjectAltName)
 LEAVES: dict[str, tuple[str, str, str | None]] = {
@@ -28,6 +29,8 @@ LEAVES: dict[str, tuple[str, str, str | None]] = {
     "kcm": ("/CN=system:kube-controller-manager", "clientAuth", None),
     "scheduler": ("/CN=system:kube-scheduler", "clientAuth", None),
     "kwok": ("/O=system:masters/CN=kwok", "clientAuth", None),
+    # The API server's identity towards kubelets (logs, exec, port-forward).
+    "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client", "clientAuth", None),
 }
 
 
@@ -51,19 +54,25 @@ def write_pki(pki: Path) -> None:
              "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=pki)
     for name, (subj, eku, san) in LEAVES.items():
-        ext = ["basicConstraints=critical,CA:FALSE",
-               "keyUsage=critical,digitalSignature,keyEncipherment",
-               f"extendedKeyUsage={eku}"]
-        if san:
-            ext.append(f"subjectAltName={san}")
-        (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
-        _openssl("req", "-new", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=pki)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", f"{name}.ext", cwd=pki)
+        write_leaf(pki, name, subj, eku, san)
     _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "sa.key", cwd=pki)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     for f in pki.glob("*.key"):
         f.chmod(0o600)
+
+
+def write_leaf(pki: Path, name: str, subject: str, eku: str, san: str | None = None) -> None:
+    """``<name>.crt``/``.key`` signed by the CA in ``pki`` (e.g. the real node's kubelet identities)."""
+    ext = ["basicConstraints=critical,CA:FALSE",
+           "keyUsage=critical,digitalSignature,keyEncipherment",
+           f"extendedKeyUsage={eku}"]
+    if san:
+        ext.append(f"subjectAltName={san}")
+    (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
+    _openssl("req", "-new", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", f"{name}.ext", cwd=pki)
+    (pki / f"{name}.key").chmod(0o600)
 
 
 def client_cert_user(pki: Path, name: str, *, embed: bool) -> dict[str, str]:
