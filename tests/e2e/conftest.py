@@ -1,4 +1,7 @@
-"""End-to-end fixtures: model server in-process, file:// bucket, kubelet players (CRD and operator: harness)."""
+"""End-to-end fixtures for test_kubelet_player.py: model server in-process, file:// bucket, kubelet players.
+
+The real-node e2e tests (test_real_node_e2e*.py) use harness.realnode_e2e instead.
+"""
 
 from __future__ import annotations
 

@@ -34,12 +34,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     if workdir.exists():
         shutil.rmtree(workdir)
     c = LocalCluster(nodes=args.nodes, job_pod_duration=args.job_pod_duration, workdir=workdir,
-                     keep_workdir=True, detached=True)
+                     keep_workdir=True, detached=True, real_node=args.real_node)
     t0 = time.monotonic()
     c.start()
     sf.parent.mkdir(parents=True, exist_ok=True)
     sf.write_text(json.dumps(c.state(), indent=2) + "\n")
-    print(f"# cluster up in {time.monotonic() - t0:.1f}s: {c.server}, {args.nodes} kwok nodes, "
+    real = " and the real node" if c.real_node is not None else ""
+    print(f"# cluster up in {time.monotonic() - t0:.1f}s: {c.server}, {args.nodes} kwok nodes{real}, "
           f"logs in {c.log_dir}, state {sf}", file=sys.stderr)
     print(f"export KUBECONFIG={c.kubeconfig}")
     return 0
@@ -66,7 +67,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("down")
         return 1
     c = LocalCluster.from_state()
-    for p in c.procs:
+    for p in c.procs + (c.real_node.procs if c.real_node is not None else []):
         print(f"{p.name:<25} pid {p.pid:<8} {'running' if p.alive() else 'DEAD'}  log {p.log}")
     print(f"export KUBECONFIG={c.kubeconfig}")
     return 0 if c.alive() else 1
@@ -85,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="start a detached cluster; prints export KUBECONFIG=...")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--job-pod-duration", type=float, default=1.0, help="seconds before Job pods succeed")
+    up.add_argument("--real-node", action="store_true",
+                    help="also start the real kubelet + containerd node (harness.cluster.realnode)")
     sub.add_parser("down", help="stop the detached cluster")
     sub.add_parser("status", help="show the detached cluster's processes")
     b = sub.add_parser("build", help="build missing binaries and print their paths")
