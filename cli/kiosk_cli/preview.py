@@ -4,7 +4,7 @@ Needs numpy, scikit-image, tifffile and Pillow, which come with the ``worker`` e
 ``cli`` extra stays lean and ``--preview`` without them is a one-line hint.
 
 Segmentation results (``*_batch_{i}_feature_{k}.tif``) get yellow outlines. Tracking results
-(``*_tracked.tif`` plus ``lineage.json``) are a label stack over time: the preview is a strip
+(``*_feature_0.tif`` plus ``lineage.json``) are a label stack over time: the preview is a strip
 of frames, each outline coloured by the track's lineage root, so a mother cell and all its
 descendants share a colour and unrelated tracks differ.
 """

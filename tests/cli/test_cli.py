@@ -699,7 +699,7 @@ def test_results_preview_colours_tracks_by_lineage(redis_server, redis_client, b
     open_storage(bucket).upload_bytes(_tiff(np.full((3, 40, 40), 50, np.uint16)), "uploads/movie.tif")
     worker = FakeWorker(redis_client, bucket)
     worker.pop("track")
-    worker.succeed("track", key, _result_zip({"movie_tracked.tif": _tiff(stack),
+    worker.succeed("track", key, _result_zip({"movie_feature_0.tif": _tiff(stack),
                                               "lineage.json": json.dumps(lineage).encode()}), check_input=False)
     out = tmp_path / "out"
     result = kiosk("results", key, "--preview", "-o", "json", "--out", str(out), env=cli_env(redis_server, bucket))

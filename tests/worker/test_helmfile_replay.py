@@ -126,8 +126,8 @@ def _caliban(client: redis.Redis, queue: str, bucket: Path) -> tuple[str, Check]
 
     def check(job: dict[str, str]) -> None:
         with zipfile.ZipFile(job["output_url"]) as zf:
-            assert sorted(zf.namelist()) == ["lineage.json", "movie_tracked.tif"]
-            labels = tifffile.imread(zf.open("movie_tracked.tif"))
+            assert sorted(zf.namelist()) == ["lineage.json", "movie_feature_0.tif"]
+            labels = tifffile.imread(zf.open("movie_feature_0.tif"))
             lineage = json.loads(zf.read("lineage.json"))
         assert labels.shape == truth.shape
         assert all(mean_matched_iou(labels[t], truth[t]) >= 0.8 for t in range(len(truth)))

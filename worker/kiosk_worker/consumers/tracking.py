@@ -10,7 +10,8 @@ births, deaths and divisions (MAX_DISTANCE, APPEARANCE_DIM, BIRTH, DEATH, DIVISI
 TRACK_LENGTH, CROP_MODE, CALIBAN_NORM). Upstream has no tracker without the models and
 neither does this consumer: a missing tracking model fails the job with a one-line reason
 (the overlap tracker of ``kiosk_worker.tracking`` stays a library). The result zip holds
-``{stem}_tracked.tif`` (the T x H x W label stack, one id per cell over time) and
+``{stem}_feature_0.tif`` (the T x H x W label stack, one id per cell over time, float32 under
+upstream's name, as its ``save_numpy_array`` writes ``y_tracked``) and
 ``lineage.json`` (id -> label, frames, daughters, capped, frame_div, parent; capped = divided).
 
 The segmentation model is chosen as for segmentation jobs (``model_choice``): the job's
@@ -72,6 +73,7 @@ class TrackingConsumer(SegmentationConsumer):
         labels, stem = self.segment(redis_hash)  # every frame through the model
         if self._movie is None:
             raise JobError("the movie was not loaded")
+        self.set_status(redis_hash, protocol.PREDICTING)  # upstream's status while its tracker runs
         result = self.track(self._movie[..., self._channel], labels)
 
         self.set_status(redis_hash, protocol.SAVING_RESULTS)
@@ -157,8 +159,9 @@ class TrackingConsumer(SegmentationConsumer):
     def save(self, result: tracking.TrackingResult, stem: str) -> list[str]:
         import tifffile
 
-        stack_path = os.path.join(self.tempdir, f"{stem}_tracked.tif")
-        tifffile.imwrite(stack_path, np.ascontiguousarray(result.labels, dtype=np.int32),
+        stack_path = os.path.join(self.tempdir, f"{stem}_feature_0.tif")
+        # float32 holds every id exactly (ids stay far below 2**24 under the frame and cell caps)
+        tifffile.imwrite(stack_path, np.ascontiguousarray(result.labels, dtype=np.float32),
                          compression="zlib", photometric="minisblack", metadata={"axes": "TYX"})
         lineage_path = os.path.join(self.tempdir, "lineage.json")
         with open(lineage_path, "w", encoding="utf-8") as fh:
