@@ -7,7 +7,7 @@ import sys
 import time
 import traceback
 
-MODULES = ["bench.bench_tfs", "bench.bench_worker", "bench.bench_operator", "bench.bench_jobs"]
+MODULES = ["bench.bench_tfs", "bench.bench_worker", "bench.bench_operator", "bench.bench_jobs", "bench.bench_keda"]
 
 
 def _fmt(value: object) -> str:
