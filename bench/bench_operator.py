@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 UNRELATED_KEYS = 1_000_000
 KIOSK_POLL_SECONDS = 5.0
 KEDA_POLL_SECONDS = 30.0
-IDLE_SAMPLE_SECONDS = 5.0
+#: Seconds of idle operator CPU sampled after every pool settled (KIOSK_BENCH_IDLE_SECONDS).
+IDLE_SAMPLE_SECONDS = float(os.environ.get("KIOSK_BENCH_IDLE_SECONDS", "5"))
 
 
 def _row(
@@ -189,14 +190,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _profiler(pid: int, out: Path) -> subprocess.Popen | None:
-    """py-spy recording ``pid`` into ``out`` (collapsed stacks) while KIOSK_BENCH_PROFILE is set."""
+def _profiler(pid: int, out: Path, idle: bool = True) -> subprocess.Popen | None:
+    """py-spy recording ``pid`` into ``out`` (collapsed stacks) while KIOSK_BENCH_PROFILE is set;
+    ``idle=False`` leaves out threads that wait (where the CPU goes)."""
     spy = Path(sys.executable).with_name("py-spy")
     if not spy.exists():
         print(f"KIOSK_BENCH_PROFILE set but {spy} is missing (pip install py-spy)", file=sys.stderr)
         return None
     proc = subprocess.Popen([str(spy), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                             "--threads", "--idle", "--output", str(out)],
+                             "--threads", *(["--idle"] if idle else []), "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches before the burst starts
     return proc
@@ -248,7 +250,8 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[dict]:
+def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000, burst: bool = True) -> list[dict]:
+    """Reaction time, then ``pools`` pools: idle operator CPU and RSS, and (``burst``) all scaled."""
     from harness.cluster import ApiError, LocalCluster
     from harness.wait import wait_for
 
@@ -303,10 +306,20 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
                 )
             _wait(lambda: all(_replicas(cluster, ns, f"p{i}") == 0 for i in range(pools)), max(300, pools), step=1.0)
             rss_idle = _rss_mb(proc.pid)
-            idle_cpu0, idle_t0 = _cpu_seconds(proc.pid), time.perf_counter()
-            time.sleep(IDLE_SAMPLE_SECONDS)  # every pool polls its queue meanwhile
-            idle_cpu = (_cpu_seconds(proc.pid) - idle_cpu0) / (time.perf_counter() - idle_t0)
             profile = os.environ.get("KIOSK_BENCH_PROFILE")
+            if profile and not burst:
+                spy = _profiler(proc.pid, Path(profile) / f"operator-idle-{pools}.txt", idle=False)
+            idle_cpu0, idle_t0, redis_calls = _cpu_seconds(proc.pid), time.perf_counter(), _redis_calls(client)
+            time.sleep(IDLE_SAMPLE_SECONDS)  # every pool polls its queue meanwhile
+            idle_seconds = time.perf_counter() - idle_t0
+            idle_cpu = (_cpu_seconds(proc.pid) - idle_cpu0) / idle_seconds
+            redis_rate = (_redis_calls(client) - redis_calls) / idle_seconds
+            if not burst:
+                if profile and spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(30)
+                rows.append(_idle_row(pools, idle_cpu, rss_idle, redis_rate, "no burst run"))
+                return rows
             spy = _profiler(proc.pid, Path(profile) / f"operator-{pools}.txt") if profile else None
             cpu0 = _cpu_seconds(proc.pid)
             api0, components0 = _api_requests(cluster), _component_cpu(cluster)
@@ -350,23 +363,32 @@ def bench_cluster(trials: int = 5, pools: int = 200, nodes: int = 1000) -> list[
                     "note": f"idle {rss_idle:.0f} MB before the burst",
                 }
             )
-            rows.append(
-                {
-                    "name": f"operator CPU, {pools} pools",
-                    "baseline": None,
-                    "ours": idle_cpu * 100,
-                    "unit": "% of a core",
-                    "ratio": None,
-                    "note": f"idle, every pool polling each 1 s; the burst took {burst_cpu:.2f} CPU s "
-                            f"in {cycle:.2f} s ({burst_cpu / cycle * 100:.0f}% of a core)",
-                }
-            )
+            burst_note = (f"the burst took {burst_cpu:.2f} CPU s in {cycle:.2f} s "
+                          f"({burst_cpu / cycle * 100:.0f}% of a core)")
+            rows.append(_idle_row(pools, idle_cpu, rss_idle, redis_rate, burst_note))
     finally:
         for proc in procs:
             stop_process(proc, 20)
         cluster.stop()
         redis_server.cleanup()
     return rows
+
+
+def _redis_calls(client: Any) -> int:
+    """Commands the Redis server has run so far (INFO stats), to count the operator's polling."""
+    return int(client.info("stats")["total_commands_processed"])
+
+
+def _idle_row(pools: int, idle_cpu: float, rss_idle: float, redis_rate: float, note: str) -> dict:
+    return {
+        "name": f"operator CPU, {pools} pools",
+        "baseline": None,
+        "ours": idle_cpu * 100,
+        "unit": "% of a core",
+        "ratio": None,
+        "note": f"idle over {IDLE_SAMPLE_SECONDS:.0f} s, every pool polling each 1 s; {rss_idle:.0f} MB RSS; "
+                f"{redis_rate:.0f} Redis commands/s; {note}",
+    }
 
 
 class _ScaleWatch:
@@ -416,7 +438,7 @@ def run() -> list[dict]:
     rows = bench_depth()
     pools = int(os.environ.get("KIOSK_BENCH_POOLS", "200"))
     nodes = int(os.environ.get("KIOSK_BENCH_NODES", "1000"))
-    rows += bench_cluster(pools=pools, nodes=nodes)
+    rows += bench_cluster(pools=pools, nodes=nodes, burst=os.environ.get("KIOSK_BENCH_IDLE_ONLY", "") == "")
     return rows
 
 

@@ -87,29 +87,71 @@ class QueueDepth:
 def measure_depth(client: redis.Redis, queues: Iterable[str], with_info: bool = False) -> QueueDepth:
     """Pending + in-flight for a set of queues in two round trips: O(queues + workers)."""
     queues = list(queues)
+    return combine_depths(queues, measure_depths(client, queues, with_info))
+
+
+def measure_depths(
+    client: redis.Redis, queues: Iterable[str], with_info: bool = False
+) -> dict[str, QueueDepth | redis.ResponseError]:
+    """Each queue's depth in the same two round trips (one when no worker is registered).
+
+    Many pools on one Redis share this measurement. A reply error (a queue key of the wrong
+    type) is returned for that queue alone, so one broken queue does not fail the others;
+    connection errors raise, since they concern every queue of the server.
+    """
+    queues = list(dict.fromkeys(queues))
     pipe = client.pipeline(transaction=False)
     for queue in queues:
         pipe.llen(queue)
         pipe.zrange(workers_key(queue), 0, -1, withscores=True)
-    replies = pipe.execute()
-    pending = sum(replies[0::2])
+    replies = pipe.execute(raise_on_error=False)
+    out: dict[str, QueueDepth | redis.ResponseError] = {}
     registered: list[tuple[str, str, float]] = []
-    for queue, members in zip(queues, replies[1::2], strict=True):
+    for queue, pending, members in zip(queues, replies[0::2], replies[1::2], strict=True):
+        error = next((r for r in (pending, members) if isinstance(r, redis.ResponseError)), None)
+        if error is not None:
+            out[queue] = error
+            continue
+        out[queue] = QueueDepth(int(pending), 0, ())
         registered.extend((queue, text(name), float(score)) for name, score in members)
     if not registered:
-        return QueueDepth(pending, 0, ())
+        return out
+    names = list(dict.fromkeys(name for _, name, _ in registered)) if with_info else []
     pipe = client.pipeline(transaction=False)
     for queue, name, _ in registered:
         pipe.llen(processing_key(queue, name))
-        if with_info:
-            pipe.hgetall(worker_info_key(name))
-    replies = pipe.execute()
-    step = 2 if with_info else 1
-    workers = []
-    for i, (queue, name, beat) in enumerate(registered):
-        info = {text(k): text(v) for k, v in replies[i * step + 1].items()} if with_info else {}
-        workers.append(WorkerState(name, queue, beat, int(replies[i * step]), info))
-    return QueueDepth(pending, sum(w.in_flight for w in workers), tuple(workers))
+    for name in names:
+        pipe.hgetall(worker_info_key(name))
+    replies = pipe.execute(raise_on_error=False)
+    infos: dict[str, Any] = dict(zip(names, replies[len(registered):], strict=True))
+    workers: dict[str, list[WorkerState]] = {}
+    for (queue, name, beat), held in zip(registered, replies, strict=False):
+        info = infos.get(name, {})
+        for reply in (held, info):
+            if isinstance(reply, redis.ResponseError):
+                out[queue] = reply
+        if isinstance(out[queue], redis.ResponseError):
+            continue
+        data = {text(k): text(v) for k, v in info.items()} if with_info else {}
+        workers.setdefault(queue, []).append(WorkerState(name, queue, beat, int(held), data))
+    for queue, found in workers.items():
+        depth = out[queue]
+        if isinstance(depth, QueueDepth):
+            out[queue] = QueueDepth(depth.pending, sum(w.in_flight for w in found), tuple(found))
+    return out
+
+
+def combine_depths(queues: Iterable[str], depths: Mapping[str, QueueDepth | redis.ResponseError]) -> QueueDepth:
+    """One pool's depth (its queues, in order) from a shared per-queue measurement; raises a queue's error."""
+    pending, in_flight, workers = 0, 0, []
+    for queue in queues:
+        depth = depths[queue]
+        if isinstance(depth, Exception):
+            raise depth
+        pending += depth.pending
+        in_flight += depth.in_flight
+        workers.extend(depth.workers)
+    return QueueDepth(pending, in_flight, tuple(workers))
 
 
 def reclaim_list(client: redis.Redis, processing: str, queue: str) -> dict[str, int]:

@@ -105,6 +105,9 @@ class PoolCycle:
     logger: Any = log
     #: Events to post, in order; the backend may append its own (it is given the same list).
     events: list[Event] = field(default_factory=list)
+    #: How observe reads the depth: ``depth.measure`` (own round trips), or a DepthBatch's
+    #: ``measure`` that shares one pipeline among the pools of a server (same signature).
+    measure: Callable[..., Measurement] = measure
 
     @property
     def labels(self) -> tuple[str, str]:
@@ -176,7 +179,7 @@ def observe(pool: PoolCycle) -> Observation:
     ttl = protocol.heartbeat_ttl(spec.worker.heartbeat_interval_seconds)
     try:
         client = pool.connect()
-        m = measure(client, spec.queues, t, heartbeat_ttl=ttl)
+        m = pool.measure(client, spec.queues, t, heartbeat_ttl=ttl)
         report = reclaim.reclaim_step(client, spec, pool.state, m.workers, pool.backend.worker_alive, t, pool.labels)
         if report is not None and report.moved:
             _reclaimed(pool, report)

@@ -15,7 +15,8 @@ import shutil
 import ssl
 import tempfile
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from kiosk_operator.manifests import TLS_CA_KEY, TLS_CERT_KEY, TLS_KEY_KEY, tls_
 from kiosk_operator.spec import RedisSpec, TLSSecretRef
 from kiosk_protocol import WorkerState, fields
 from kiosk_protocol.redis_config import RedisConfig, connect
+from kiosk_protocol.registry import QueueDepth, combine_depths, measure_depths
 from kiosk_protocol.settings import Settings
 
 
@@ -55,9 +57,13 @@ def measure(
     ``heartbeat_ttl``: the liveness rule (``protocol.heartbeat_ttl``) of the pool's heartbeat
     interval; by default that of a worker's default interval.
     """
+    return from_depth(protocol.measure_depth(client, queues, with_info=True), now, heartbeat_ttl)
+
+
+def from_depth(depth: QueueDepth, now: float, heartbeat_ttl: float | None = None) -> Measurement:
+    """What the scaling decision needs from a depth read (own or shared): busy workers, service time."""
     if heartbeat_ttl is None:
         heartbeat_ttl = protocol.heartbeat_ttl(Settings.heartbeat_interval)
-    depth = protocol.measure_depth(client, queues, with_info=True)
     busy = set()
     total_time, samples = 0.0, 0
     for w in depth.workers:
@@ -74,6 +80,84 @@ def measure(
             samples += n
     mean_service = total_time / samples if samples else None
     return Measurement(depth.pending, depth.in_flight, frozenset(busy), mean_service, samples, depth.workers)
+
+
+#: Seconds a queue nobody asked about stays in its server's shared measurement (a deleted pool).
+FORGET_QUEUE_SECONDS = 60.0
+
+
+class _Round:
+    """One shared measurement of a server: when it started, and its per-queue result or error."""
+
+    def __init__(self, started: float, queues: frozenset[str]) -> None:
+        self.started, self.queues = started, queues
+        self.done = threading.Event()
+        self.depths: dict[str, QueueDepth | redis.ResponseError] = {}
+        self.error: BaseException | None = None
+
+
+class DepthBatch:
+    """Pools on one Redis share one measurement pipeline per polling tick instead of one each.
+
+    The group is the client object (RedisClients hands out one per connection key). A cycle
+    asking within ``max_age`` seconds of the start of the server's last round reads its queues
+    from that round (waiting for it if it is still running); otherwise it starts a new round
+    over every queue asked about recently. A round that fails raises in every cycle that reads
+    it (they share the server); a broken queue fails only the pools that measure it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        #: id(client) -> (client, queue -> last asked, last round)
+        self._groups: dict[int, tuple[redis.Redis, dict[str, float], _Round | None]] = {}
+        #: Rounds run (pipelines sent), for tests and metrics.
+        self.rounds = 0
+
+    def depth(self, client: redis.Redis, queues: tuple[str, ...] | list[str], max_age: float) -> QueueDepth:
+        """The pool's depth from a round of its server at most ``max_age`` s old (not yet started: now)."""
+        t = self.clock()
+        with self._lock:
+            _, asked, last = self._groups.get(id(client), (client, {}, None))
+            for q in queues:
+                asked[q] = t
+            own = lead = False
+            if last is not None and t - last.started <= max_age:
+                # New to this server: measured alone now, in the shared round from the next tick.
+                own = not last.queues.issuperset(queues)
+                round_ = last
+            else:
+                for q in [q for q, seen in asked.items() if t - seen > FORGET_QUEUE_SECONDS]:
+                    del asked[q]
+                round_, lead = _Round(t, frozenset(asked)), True
+                last = round_
+            self.rounds += 1 if own or lead else 0
+            self._groups[id(client)] = (client, asked, last)
+        if own:
+            return combine_depths(queues, measure_depths(client, queues, with_info=True))
+        if lead:
+            try:
+                round_.depths = measure_depths(client, round_.queues, with_info=True)
+            except BaseException as exc:
+                round_.error = exc
+            finally:
+                round_.done.set()
+        else:
+            round_.done.wait()
+        if round_.error is not None:
+            raise round_.error
+        return combine_depths(queues, round_.depths)
+
+    def measure(
+        self,
+        client: redis.Redis,
+        queues: tuple[str, ...] | list[str],
+        now: float,
+        heartbeat_ttl: float | None = None,
+        max_age: float = 0.25,
+    ) -> Measurement:
+        """``measure``, from the shared round of the client's server."""
+        return from_depth(self.depth(client, queues, max_age), now, heartbeat_ttl)
 
 
 @dataclass(frozen=True)

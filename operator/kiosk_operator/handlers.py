@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
+import time
 from typing import Any
 
 import kopf
 
 from kiosk_operator import manifests, metrics
 from kiosk_operator.deployment import ensure_deployment, render_deployment
-from kiosk_operator.depth import RedisClients
+from kiosk_operator.depth import DepthBatch, RedisClients
 from kiosk_operator.drift import deployment_drift
 from kiosk_operator.kube import Kube
-from kiosk_operator.kube_backend import run_cycle
+from kiosk_operator.kube_backend import forget, run_cycle
 from kiosk_operator.spec import SpecError, parse_spec
 from kiosk_operator.status import PoolState, StatusWriter
 from kiosk_protocol.crd import API_VERSION, GROUP, KIND, PLURAL, VERSION
@@ -65,6 +67,22 @@ def _clients() -> RedisClients:
     if "redis" not in _state:
         _state["redis"] = RedisClients()
     return _state["redis"]
+
+
+def _batch() -> DepthBatch:
+    if "batch" not in _state:
+        _state["batch"] = DepthBatch()
+    return _state["batch"]
+
+
+def until_tick(now: float, interval: float, due: float) -> tuple[float, float]:
+    """(seconds to wait, the tick waited for): the first multiple of ``interval`` after ``now``
+    and after ``due`` (the tick this cycle ran for), so that all pools polling every
+    ``interval`` wake together and share one depth round per server."""
+    if interval <= 0:
+        return 0.0, now
+    tick = max(math.floor(now / interval) + 1, round(due / interval) + 1) * interval
+    return max(0.0, tick - now), tick
 
 
 @kopf.on.startup()
@@ -212,6 +230,7 @@ async def scaling_loop(
     loops[(namespace, name)] = state
     loop = asyncio.get_running_loop()
     writer = _status_writer(kube)
+    due = time.time()
 
     def replicas_of(ns: str, dep: str) -> tuple[int, int, tuple[str, ...], str] | None:
         found = worker_replicas.get((ns, dep))
@@ -230,7 +249,8 @@ async def scaling_loop(
                 result = await loop.run_in_executor(
                     _executor(),
                     lambda p=pool: run_cycle(
-                        kube, _clients(), p, state, logger=logger, replicas_of=replicas_of, status_writer=writer
+                        kube, _clients(), p, state, logger=logger, replicas_of=replicas_of,
+                        status_writer=writer, batch=_batch(),
                     ),
                 )
             except Exception as exc:  # Kubernetes API hiccup: log, post, retry next interval
@@ -241,7 +261,9 @@ async def scaling_loop(
                 for ev in result.events:
                     kopf.event(pool, type=ev.type, reason=ev.reason, message=ev.message)
                 interval = result.interval
-            await stopped.wait(interval)
+            wait, due = until_tick(time.time(), interval, due)
+            await stopped.wait(wait)
     finally:
         loops.pop((namespace, name), None)
         metrics.forget(namespace, name)
+        forget(namespace, name)

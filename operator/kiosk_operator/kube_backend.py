@@ -6,6 +6,7 @@ object into one cycle (spec, Redis client from the pool's Secrets) and writes it
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -17,7 +18,7 @@ import redis
 from kiosk_operator import cycle, jobmode, manifests, policy, reclaim
 from kiosk_operator.cycle import CycleResult, Jobs, Scaled, Workers
 from kiosk_operator.deployment import Refused, check_owned, ensure_deployment, refusals, scale_deployment, stand_down
-from kiosk_operator.depth import RedisClients, tls_material
+from kiosk_operator.depth import DepthBatch, RedisClients, tls_material
 from kiosk_operator.kube import Kube
 from kiosk_operator.spec import PoolSpec, SpecError, parse_spec
 from kiosk_operator.status import (
@@ -34,6 +35,9 @@ log = logging.getLogger("kiosk_operator")
 
 #: Seconds until a pool with an invalid spec is looked at again.
 INVALID_SPEC_INTERVAL = 5.0
+#: A shared depth round serves a pool's cycle for this fraction of its polling interval: the
+#: pools' loops wake on the same tick, but on a busy machine their cycles spread over it.
+BATCH_AGE = 0.5
 
 #: (namespace, Deployment) -> (spec replicas, pods[, owner uids, resourceVersion]) from a watch
 #: cache, or None.
@@ -187,19 +191,22 @@ def run_cycle(
     logger: Any = log,
     replicas_of: ReplicasOf | None = None,
     status_writer: StatusWriter | None = None,
+    batch: DepthBatch | None = None,
 ) -> CycleResult:
     """One cycle of a pool in the cluster, then its status. Never raises for Redis.
 
     ``replicas_of(namespace, deployment)`` -> (spec replicas, pods) answers from a watch cache
     (None: unknown, then the Deployment is read), so an idle cycle costs Redis round trips only.
     ``status_writer`` takes the status patch off this thread (else it is written before returning).
+    ``batch`` shares one depth pipeline among the pools of a Redis server: a pool reads a round
+    at most half its polling interval old (else its own round trips).
     """
     meta = pool["metadata"]
     ns, name = meta["namespace"], meta["name"]
     t = now()
     state.generation = meta.get("generation")
     try:
-        spec = parse_spec(pool.get("spec"))
+        spec = _parsed_spec(ns, name, pool.get("spec"))
     except SpecError as exc:
         return _invalid_spec(kube, pool, state, exc, t)
     state.warned.discard("invalid-spec")
@@ -212,7 +219,11 @@ def run_cycle(
     backend = KubeBackend(kube, pool, spec, state, events, replicas_of, logger)
     connect = functools.partial(redis_client, kube, clients, ns, spec)
     try:
-        result = cycle.run(cycle.PoolCycle(ns, name, spec, state, backend, connect, t, logger, events))
+        pool_cycle = cycle.PoolCycle(ns, name, spec, state, backend, connect, t, logger, events)
+        if batch is not None:
+            max_age = spec.scaling.polling_interval_seconds * BATCH_AGE
+            pool_cycle.measure = functools.partial(batch.measure, max_age=max_age)
+        result = cycle.run(pool_cycle)
     except Refused as exc:  # a <pool>-worker Deployment the pool does not own
         return _refused(kube, pool, state, [str(exc)], t)
     fields = {**result.status, "observedGeneration": meta.get("generation")}
@@ -229,6 +240,25 @@ def run_cycle(
         set_condition(state, "Ready", False, why["reason"], why["message"], t)
     write_status(kube, ns, name, state, fields, status_writer)
     return result
+
+
+#: (namespace, pool) -> (the spec as last read, parsed): an idle tick compares instead of parsing.
+_specs: dict[tuple[str, str], tuple[Any, PoolSpec]] = {}
+
+
+def _parsed_spec(ns: str, name: str, raw: Any) -> PoolSpec:
+    """parse_spec, once per change of the pool's spec (parsing costs ~0.1 ms a tick per pool)."""
+    cached = _specs.get((ns, name))
+    if cached is not None and cached[0] == raw:
+        return cached[1]
+    spec = parse_spec(raw)
+    _specs[(ns, name)] = (copy.deepcopy(raw), spec)
+    return spec
+
+
+def forget(ns: str, name: str) -> None:
+    """The pool is gone (its loop ended): drop what was kept for it."""
+    _specs.pop((ns, name), None)
 
 
 def _restore(state: PoolState, pool: dict[str, Any], spec: PoolSpec) -> None:
