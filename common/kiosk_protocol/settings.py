@@ -289,7 +289,7 @@ for _env, _attr, _parse in [
      lambda s: _choice(s.strip().lower(), {"whole-cell", "nuclear", "both"})),
     ("TRACKING_MODEL", "tracking_model", _model_ref),
     ("CALIBAN_MODEL", "caliban_model", _optional_model_ref),
-    ("NEIGHBORHOOD_ENCODER", "neighborhood_encoder", _model_ref),
+    ("NEIGHBORHOOD_ENCODER", "neighborhood_encoder", _optional_model_ref),  # empty: overlap tracker
     ("POLARIS_MODEL", "polaris_model", _model_ref),
     ("POLARIS_THRESHOLD", "polaris_threshold", _finite(_positive(float, allow_zero=True))),
     ("POLARIS_CLIP", "polaris_clip", _bool),

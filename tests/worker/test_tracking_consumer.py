@@ -217,3 +217,21 @@ def test_missing_tracking_model_fails_the_job_with_one_line(
     assert job["status"] == "failed", job
     assert "NuclearTrackingNE" in job["reason"] and "NEIGHBORHOOD_ENCODER" in job["reason"], job["reason"]
     assert "\n" not in job["reason"]
+
+
+def test_without_tracking_models_configured_cells_are_linked_by_overlap(
+        redis_server: RedisServer, redis_client: redis.Redis, bucket: Path) -> None:
+    """NEIGHBORHOOD_ENCODER set empty: no tracking model is asked for; the overlap tracker links."""
+    server = ModelServer(models=[build_model("segmentation", versions=(1,))]).start()  # no tracking models
+    try:
+        stack, truth, truth_lineage = make_timelapse(frames=8, shape=(96, 96), n_cells=8, seed=0)
+        key = submit_movie(redis_client, bucket, "movie.tif", stack)
+        run_worker(redis_server, server, bucket, "caliban", NEIGHBORHOOD_ENCODER="")
+        job = redis_client.hgetall(key)
+        assert job["status"] == "done", job.get("reason")
+        assert {name for name, _, _ in server.predicted} == {"segmentation"}
+        labels, lineage = read_result(job)
+        s = score(labels, lineage, truth, truth_lineage)
+        assert s["truth_consistent"] >= 0.95 and s["ids_pure"] >= 0.95, s
+    finally:
+        server.stop()

@@ -8,8 +8,9 @@ NEIGHBORHOOD_ENCODER model, frame-to-frame link scores from the TRACKING_MODEL
 (CALIBAN_MODEL) inference model, both over gRPC, and upstream's assignment with
 births, deaths and divisions (MAX_DISTANCE, APPEARANCE_DIM, BIRTH, DEATH, DIVISION,
 TRACK_LENGTH, CROP_MODE, CALIBAN_NORM). Upstream has no tracker without the models and
-neither does this consumer: a missing tracking model fails the job with a one-line reason
-(the overlap tracker of ``kiosk_worker.tracking`` stays a library). The result zip holds
+this consumer follows it: a configured tracking model that is not served fails the job with a
+one-line reason. With NEIGHBORHOOD_ENCODER set empty (no tracking models configured) it links
+cells by overlap instead (``kiosk_worker.tracking``, TRACK_MAX_GAP). The result zip holds
 ``{stem}_feature_0.tif`` (the T x H x W label stack, one id per cell over time, float32 under
 upstream's name, as its ``save_numpy_array`` writes ``y_tracked``) and
 ``lineage.json`` (id -> label, frames, daughters, capped, frame_div, parent; capped = divided).
@@ -111,7 +112,16 @@ class TrackingConsumer(SegmentationConsumer):
         return steps
 
     def track(self, movie: np.ndarray, labels: np.ndarray) -> tracking.TrackingResult:
-        """Track (T, H, W) labels of a (T, H, W) movie through the two tracking models."""
+        """Track (T, H, W) labels of a (T, H, W) movie through the two tracking models, or by
+        overlap when NEIGHBORHOOD_ENCODER is set empty (no tracking models configured)."""
+        if not self.settings.neighborhood_encoder:
+            overlap = tracking.TrackingParams(max_gap=self.settings.track_max_gap,
+                                              max_frames=self.settings.max_image_frames,
+                                              max_cells=self.settings.max_cells_per_frame)
+            try:
+                return tracking.track(labels, overlap)
+            except tracking.TrackingTooLarge as err:
+                raise JobError(str(err)) from None
         encoder_ref = ModelRef.parse(self.settings.neighborhood_encoder, "NEIGHBORHOOD_ENCODER")
         inference_ref = model_choice.tracking_model(self.settings)
         encoder_sig = self.model_inputs(encoder_ref, ENCODER_INPUTS)
