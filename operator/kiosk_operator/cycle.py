@@ -139,6 +139,8 @@ class Plan:
     reason: str
     last_active: float | None
     new_jobs: int = 0
+    #: scaling.Decision.lower: the partial scale-down window to remember.
+    lower: tuple[float, int] | None = None
 
 
 @dataclass
@@ -206,8 +208,9 @@ def decide(pool: PoolCycle, obs: Observation) -> Plan:
     assert obs.workers is not None
     service = (m.mean_service_seconds, m.service_samples) if m.mean_service_seconds else None
     current = obs.workers.current
-    d = scaling.desired_workers(m.depth, current, s, last_active, t, busy=len(obs.busy), service=service)
-    return Plan(current, d.replicas, d.direction, d.reason, d.last_active)
+    d = scaling.desired_workers(m.depth, current, s, last_active, t, busy=len(obs.busy), service=service,
+                                lower=pool.state.scale_down_window)
+    return Plan(current, d.replicas, d.direction, d.reason, d.last_active, lower=d.lower)
 
 
 def act(pool: PoolCycle, obs: Observation, plan: Plan) -> Scaled:
@@ -217,6 +220,7 @@ def act(pool: PoolCycle, obs: Observation, plan: Plan) -> Scaled:
         backend.enter_job_mode()
     state.mode = pool.spec.scaling.mode
     state.last_active = plan.last_active
+    state.scale_down_window = plan.lower
     if pool.job_mode:
         scaled = Scaled(started=backend.create_jobs(plan.new_jobs))
         if scaled.started:

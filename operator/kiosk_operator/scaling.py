@@ -8,7 +8,10 @@ Deployment mode::
 
     * from 0 workers, scale up only once depth >= activationThreshold;
     * scale up immediately;
-    * scale down to minWorkers only after cooldownSeconds without any pending or in-flight item.
+    * scale down to minWorkers only after cooldownSeconds without any pending or in-flight item;
+    * while items remain, scale down only after a lower count has been wanted for cooldownSeconds,
+      and then to the highest count wanted in that window (a stream whose depth dips for a
+      moment does not delete workers it needs again a second later); above maxWorkers at once.
 
 Job mode::
 
@@ -37,6 +40,8 @@ class Decision:
     direction: str
     reason: str
     last_active: float | None
+    #: (since, highest count wanted) while a partial scale-down waits its window; else None.
+    lower: tuple[float, int] | None = None
 
     @property
     def changed(self) -> bool:
@@ -92,13 +97,15 @@ def desired_workers(
     *,
     busy: int = 0,
     service: tuple[float, int] | None = None,
+    lower: tuple[float, int] | None = None,
 ) -> Decision:
     """Decide the replica count of a Deployment-mode pool.
 
     ``depth`` = pending + in-flight items; ``current`` = replicas now; ``busy`` = workers
     holding an item that a scale-down could remove (the one place the busy floor is applied);
     ``last_active`` = the clock when depth was last above zero (None if never seen);
-    ``service`` = (mean seconds per item, sample count) for drain-time sizing.
+    ``service`` = (mean seconds per item, sample count) for drain-time sizing;
+    ``lower`` = the previous decision's ``lower`` (the partial scale-down window).
     """
     depth, current, busy = max(0, depth), max(0, current), max(0, busy)
     if depth > 0 or last_active is None:
@@ -129,7 +136,17 @@ def desired_workers(
         return _decide(
             wanted, current, f"idle for {idle_for:.1f}s (cooldown {spec.cooldown_seconds:g}s)", last_active
         )
-    return _decide(wanted, current, f"depth {depth} needs {wanted}, {busy} busy", last_active)
+    if current > spec.max_workers:  # the ceiling was lowered: no window
+        return _decide(wanted, current, f"depth {depth} needs {wanted} (maxWorkers {spec.max_workers}), "
+                       f"{busy} busy", last_active)
+    since, peak = lower if lower is not None else (now, wanted)
+    peak = max(peak, wanted)
+    waited = now - since
+    if waited < spec.cooldown_seconds:
+        return Decision(current, HOLD, f"depth {depth} needs {wanted}; holding {current} "
+                        f"{spec.cooldown_seconds - waited:.1f}s more (scale-down window)", last_active, (since, peak))
+    return _decide(peak, current, f"depth {depth} needed at most {peak} for {spec.cooldown_seconds:g}s, "
+                   f"{busy} busy", last_active)
 
 
 def _decide(replicas: int, current: int, reason: str, last_active: float | None) -> Decision:

@@ -38,6 +38,8 @@ class PoolState:
     #: (replicas, resourceVersion): the last scale of the worker Deployment and the version the
     #: watch cache showed before it; while the cache still shows that version, ``replicas`` is current.
     scaled: tuple[int, str] | None = None
+    #: (since, highest count wanted) while a partial scale-down waits its window (scaling.Decision.lower).
+    scale_down_window: tuple[float, int] | None = None
 
 
 @dataclass

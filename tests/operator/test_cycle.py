@@ -116,7 +116,8 @@ def test_scales_up_from_zero_when_items_appear(redis_client):
 
 
 def test_scale_down_never_below_busy_workers_and_idle_go_first(redis_client):
-    spec, backend, state = _spec(maxWorkers=10, itemsPerWorker=10), FakeBackend(4), PoolState()
+    # cooldownSeconds 0: no scale-down window, so this is about the busy floor alone
+    spec, backend, state = _spec(maxWorkers=10, itemsPerWorker=10, cooldownSeconds=0), FakeBackend(4), PoolState()
     _push(redis_client, 2)
     _take(redis_client, "w1")
     _take(redis_client, "w3")
@@ -131,12 +132,25 @@ def test_scale_down_never_below_busy_workers_and_idle_go_first(redis_client):
 
 def test_busy_workers_that_are_not_ours_do_not_hold_the_floor(redis_client):
     """The floor counts the backend's busy workers (here: none of the 3), not every busy heartbeat."""
-    spec, backend, state = _spec(maxWorkers=10, itemsPerWorker=10), FakeBackend(3), PoolState()
+    spec, backend, state = _spec(maxWorkers=10, itemsPerWorker=10, cooldownSeconds=0), FakeBackend(3), PoolState()
     _push(redis_client, 2)
     _take(redis_client, "elsewhere-1")
     _take(redis_client, "elsewhere-2")
     result = _run(spec, backend, state, redis_client, time.time())
     assert result.plan.replicas == 1 and len(backend.names) == 1
+
+
+def test_a_dip_in_the_stream_deletes_no_worker_until_the_window_ends(redis_client):
+    """Items remain but fewer workers would do: the cycle holds the count for cooldownSeconds
+    (remembered in the pool state between cycles), then scales down once."""
+    spec, backend, state = _spec(maxWorkers=10, itemsPerWorker=10, cooldownSeconds=20), FakeBackend(4), PoolState()
+    _push(redis_client, 5)  # needs 1 worker, none busy
+    t0 = time.time()
+    for offset in (0, 10, 19.5):
+        held = _run(spec, backend, state, redis_client, t0 + offset)
+        assert len(backend.names) == 4 and held.events == [], f"scaled down at +{offset}s"
+    done = _run(spec, backend, state, redis_client, t0 + 20)
+    assert len(backend.names) == 1 and _reasons(done) == ["ScaledDown"]
 
 
 def test_scale_to_min_only_after_the_cooldown(redis_client):

@@ -53,7 +53,8 @@ DESIRED_CASES = [
     ("cooldown-to-min", 0, 5, spec(min_workers=2), NOW - 61, 0, 2, DOWN),
     ("cooldown-zero-scales-down-at-once", 0, 5, spec(cooldown_seconds=0), NOW - 0.0, 0, 0, DOWN),
     ("unknown-last-active-starts-cooldown", 0, 5, BASE, None, 0, 5, HOLD),
-    ("partial-scale-down-keeps-busy", 10, 8, BASE, NOW - 1, 6, 6, DOWN),
+    ("partial-scale-down-keeps-busy", 10, 8, spec(cooldown_seconds=0), NOW - 1, 6, 6, DOWN),
+    ("partial-scale-down-waits-its-window", 10, 8, BASE, NOW - 1, 0, 8, HOLD),
     ("busy-above-desired-holds", 10, 8, BASE, NOW - 1, 8, 8, HOLD),
     ("busy-above-max-after-max-lowered", 100, 8, spec(max_workers=4), NOW, 6, 6, DOWN),
     ("busy-never-counted-above-current", 5, 2, BASE, NOW, 7, 2, HOLD),
@@ -83,16 +84,43 @@ def test_last_active_follows_depth():
 def test_cooldown_sequence_scales_down_exactly_once_elapsed():
     """Simulate ticks: a burst, then an empty queue; the last workers go only at the boundary.
 
-    Partial scale-down while items remain is immediate (idle workers only: busy ones are
-    the floor); the step to minWorkers waits for the cooldown since depth was last > 0.
+    While items remain a lower count waits its window (cooldownSeconds); the step to minWorkers
+    waits for the cooldown since depth was last > 0.
     """
-    last, current, history = None, 0, []
+    last, current, lower, history = None, 0, None, []
     ticks = [(0, 100, 0), (1, 40, 10), (1.5, 40, 4), (2, 0, 0), (30, 0, 0), (61.4, 0, 0), (61.5, 0, 0)]
     for t, depth, busy in ticks:
-        d = desired_workers(depth, current, BASE, last, float(t), busy=busy)
-        last, current = d.last_active, d.replicas
+        d = desired_workers(depth, current, BASE, last, float(t), busy=busy, lower=lower)
+        last, current, lower = d.last_active, d.replicas, d.lower
         history.append(current)
-    assert history == [10, 10, 4, 4, 4, 4, 0]
+    assert history == [10, 10, 10, 10, 10, 10, 0]
+
+
+def test_partial_scale_down_waits_its_window_then_keeps_the_highest_count_wanted():
+    """A stream whose depth dips: no worker is deleted for a dip; after a whole window below the
+    current count, the pool goes to the highest count wanted in that window (never below busy)."""
+    sp = spec(cooldown_seconds=10)
+    current, last, lower, history = 8, NOW, None, []
+    for t, depth, busy in [(0, 30, 2), (3, 60, 2), (6, 20, 5), (9.9, 20, 5), (10, 20, 5), (11, 20, 1)]:
+        d = desired_workers(depth, current, sp, last, NOW + t, busy=busy, lower=lower)
+        current, last, lower = d.replicas, d.last_active, d.lower
+        history.append((current, d.direction))
+    # 30 items want 3, 60 want 6, 20 want 5 (busy floor): held at 8 until the window (10 s) ends,
+    # then 6, the highest count wanted since it began; the window starts again after a scale.
+    assert history == [(8, HOLD), (8, HOLD), (8, HOLD), (8, HOLD), (6, DOWN), (6, HOLD)]
+    assert lower is not None and lower[0] == NOW + 11
+
+
+def test_a_lowered_ceiling_applies_at_once():
+    d = desired_workers(100, 8, spec(max_workers=4), NOW, NOW, busy=0, lower=None)
+    assert (d.replicas, d.direction, d.lower) == (4, DOWN, None)
+
+
+def test_scaling_up_ends_the_window():
+    d = desired_workers(10, 8, BASE, NOW, NOW, lower=(NOW - 30, 2))
+    assert d.direction == HOLD and d.lower == (NOW - 30, 2)
+    up = desired_workers(200, 8, BASE, NOW, NOW + 1, lower=d.lower)
+    assert (up.direction, up.lower) == (UP, None)
 
 
 def test_negative_inputs_are_treated_as_zero():
