@@ -115,7 +115,9 @@ def test_a_poison_pill_is_oomkilled_fails_after_max_attempts_and_the_pool_drains
         e: RealNodeE2E, watch_pool: Callable[[str], PodLogs], tmp_path: Path) -> None:  # noqa: F811
     pool, queue, good = "oom", "oom-q", 10
     logs = watch_pool(pool)
-    tfs = start_pool(e, pool, queue, scaling={"maxWorkers": 2, "itemsPerWorker": 3},
+    # One worker: its pod lives until the queue is drained, so every restart of it is seen (with two,
+    # a scale-down could delete a pod between an OOM kill and the next look at its restartCount).
+    tfs = start_pool(e, pool, queue, scaling={"maxWorkers": 1, "itemsPerWorker": 3},
                      worker={"resources": {"requests": {"cpu": "10m", "memory": "64Mi"},
                                            "limits": {"memory": "256Mi"}}},
                      extra_env={"MAX_ATTEMPTS": "3", "MALLOC_ARENA_MAX": "2"})
