@@ -28,10 +28,11 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from harness.cluster import ApiError, LocalCluster, binary_path
+from harness.cluster import ApiError, LocalCluster
 from harness.cluster.containerd import K8S_NAMESPACE
 from harness.cluster.netns import HOST_IP, NodeUnsupported
 from harness.cluster.realnode import LABEL, NODE_SELECTOR, TOLERATION
+from harness.helm import helm
 from harness.images import BuiltImage, ensure_image
 from harness.redis_server import RedisServer
 from harness.storage_servers import FakeGcsServer
@@ -125,19 +126,6 @@ def sigkill_container(cluster: LocalCluster, pod: Mapping[str, Any], container: 
 # --------------------------------------------------------------------------- helm and the operator
 
 
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """The harness's helm binary with a throwaway home (no repository config of the machine)."""
-    home = Path("/tmp/kiosk-helm")
-    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-           "HELM_DATA_HOME": str(home / "data")}
-    if kubeconfig:
-        env["KUBECONFIG"] = str(kubeconfig)
-    proc = subprocess.run([str(binary_path("helm")), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
-    return proc
 
 
 def operator_values(image: BuiltImage, worker_image_prefix: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import kiosk_protocol as protocol
 from harness import rbac
 from harness.cluster import LocalCluster, binary_path, binary_versions
 from harness.cluster_fixtures import k8s_cluster, k8s_namespace  # noqa: F401
+from harness.helm import helm
 from harness.ports import free_port
 from harness.procs import stop_process
 from harness.wait import wait_for
@@ -82,19 +83,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def helm(*args: str, kubeconfig: Path | None = None, check: bool = True,
-         timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    home = Path("/tmp/kiosk-helm")
-    env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"), "HELM_CONFIG_HOME": str(home / "config"),
-           "HELM_DATA_HOME": str(home / "data")}
-    if kubeconfig:
-        env["KUBECONFIG"] = str(kubeconfig)
-    proc = subprocess.run([str(binary_path("helm")), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        command = " ".join(args)
-        raise AssertionError(f"helm {command} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
-    return proc
 
 
 def values_file(tmp: Path, values: dict[str, Any]) -> Path:

@@ -9,10 +9,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..wait import WaitTimeout, wait_for
 from .netns import NodeUnsupported
 
 CGROUP_FS = Path("/sys/fs/cgroup")
@@ -108,12 +108,12 @@ def cgroup_pids() -> set[int]:
 
 def remove_cgroups(timeout: float = 20) -> list[str]:
     """SIGKILL every process in our cgroups, then remove them; returns what could not be removed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = cgroup_pids()
-        for pid in pids:
+    left: list[str] = []
+
+    def removed() -> bool:
+        for pid in cgroup_pids():
             _kill(pid, signal.SIGKILL)
-        left = []
+        left.clear()
         for d in cgroup_dirs():
             try:
                 d.rmdir()
@@ -121,9 +121,13 @@ def remove_cgroups(timeout: float = 20) -> list[str]:
                 pass
             except OSError as exc:
                 left.append(f"{d} ({exc.strerror})")
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
+        return not left
+
+    try:
+        wait_for(removed, timeout, "our cgroups to be removed", interval=0.1, max_interval=0.1)
+    except WaitTimeout:
+        pass
+    return left
 
 
 # --------------------------------------------------------------------------- mounts and processes
@@ -179,9 +183,11 @@ def stop_pids(pids: Iterable[int], grace: float = 10) -> None:
     pids = list(pids)
     for pid in pids:
         _kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.05)
+    try:
+        wait_for(lambda: not any(_alive(p) for p in pids), grace, "processes to exit", interval=0.05,
+                 max_interval=0.2)
+    except WaitTimeout:
+        pass
     for pid in pids:
         if _alive(pid):
             _kill(pid, signal.SIGKILL)
